@@ -1,0 +1,210 @@
+package sandboxer
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/containerd/containerd/v2/pkg/identifiers"
+	"github.com/containerd/errdefs"
+
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/statefile"
+	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
+)
+
+// File names inside <dir>/<sandbox-id>/.
+const (
+	StateFile        = "state.json"
+	ResourceInfoFile = "resource_info.json"
+)
+
+// stateVersion is bumped when State changes incompatibly.
+const stateVersion = 1
+
+// Phase is where a sandbox is in its lifecycle.
+type Phase string
+
+const (
+	// PhaseCreated: Create succeeded, Start was not called yet.
+	PhaseCreated Phase = "created"
+	// PhaseReady: started and running.
+	PhaseReady Phase = "ready"
+	// PhaseStopped: stopped by Stop, or exited by itself.
+	PhaseStopped Phase = "stopped"
+)
+
+// State is what the daemon persists of a sandbox in state.json: everything
+// needed to rebuild it, and its resource_info.json, after a restart.
+type State struct {
+	Version    int        `json:"version"`
+	ID         string     `json:"id"`
+	Mode       string     `json:"mode"`
+	Phase      Phase      `json:"phase"`
+	CreatedAt  time.Time  `json:"created_at"`
+	StartedAt  *time.Time `json:"started_at"`
+	ExitedAt   *time.Time `json:"exited_at"`
+	ExitStatus uint32     `json:"exit_status"`
+	Pid        uint32     `json:"pid"`
+	NetNSPath  string     `json:"netns_path,omitempty"`
+	// Annotations are the pod annotations (PodSandboxConfig, else the
+	// Create request's).
+	Annotations map[string]string `json:"annotations,omitempty"`
+	// Config is the PodSandboxConfig (encoding/json), shown by verbose Status.
+	Config json.RawMessage `json:"config,omitempty"`
+	// Spec holds the pod-level resource inputs.
+	Spec resourceinfo.Spec `json:"spec"`
+	// Containers holds each container's resources, by container ID.
+	Containers map[string]*Container `json:"containers"`
+	// Ledger accrues what the sandbox held while it ran.
+	Ledger Ledger `json:"ledger"`
+}
+
+// Container is what the sandbox records of one of its containers.
+type Container struct {
+	Resources resourceinfo.Resources `json:"resources"`
+	// Task is the simulated task of the container, when the container
+	// was created through the task API.
+	Task *TaskRecord `json:"task,omitempty"`
+}
+
+// Task statuses, as the task API names them.
+const (
+	TaskCreated = "created"
+	TaskRunning = "running"
+	TaskPaused  = "paused"
+	TaskStopped = "stopped"
+)
+
+// TaskRecord is the persisted state of a simulated task.
+type TaskRecord struct {
+	Namespace  string     `json:"namespace"`
+	Bundle     string     `json:"bundle"`
+	Stdin      string     `json:"stdin,omitempty"`
+	Stdout     string     `json:"stdout,omitempty"`
+	Stderr     string     `json:"stderr,omitempty"`
+	Terminal   bool       `json:"terminal,omitempty"`
+	LogPath    string     `json:"log_path,omitempty"`
+	Status     string     `json:"status"`
+	Pid        uint32     `json:"pid"`
+	ExitStatus uint32     `json:"exit_status"`
+	CreatedAt  time.Time  `json:"created_at"`
+	StartedAt  *time.Time `json:"started_at"`
+	ExitedAt   *time.Time `json:"exited_at"`
+	Simulation Simulation `json:"simulation"`
+	// Meta is the creator's own metadata (the direct CRI service keeps the
+	// container's CRI config there).
+	Meta json.RawMessage `json:"meta,omitempty"`
+}
+
+// Simulation is what a simulated container does, set by annotations.
+type Simulation struct {
+	// ExitAfter makes the container exit by itself this long after start.
+	ExitAfter time.Duration `json:"exit_after,omitempty"`
+	// ExitCode is the exit status when it does.
+	ExitCode uint32 `json:"exit_code,omitempty"`
+	// CPUUsage is the CPU the container reports using, in cores.
+	CPUUsage float64 `json:"cpu_usage,omitempty"`
+	// MemoryUsage is the memory it reports using, in bytes.
+	MemoryUsage int64 `json:"memory_usage,omitempty"`
+}
+
+// ResourceInfo recomputes the effective resources from the state.
+func (s *State) ResourceInfo() resourceinfo.ResourceInfo {
+	var cs map[string]resourceinfo.Resources
+	if len(s.Containers) > 0 {
+		cs = make(map[string]resourceinfo.Resources, len(s.Containers))
+		for id, c := range s.Containers {
+			cs[id] = c.Resources
+		}
+	}
+	return resourceinfo.Compute(s.Spec, cs)
+}
+
+// clone deep-copies a state through JSON, so that a failed change can be
+// rolled back and readers never share maps with a writer.
+func (s *State) clone() *State {
+	data, err := json.Marshal(s)
+	if err != nil {
+		panic(fmt.Sprintf("state of %s does not encode: %v", s.ID, err))
+	}
+	var c State
+	if err := json.Unmarshal(data, &c); err != nil {
+		panic(fmt.Sprintf("state of %s does not decode: %v", s.ID, err))
+	}
+	return &c
+}
+
+// ValidateID rejects sandbox and container IDs that are not safe as one
+// path element (containerd's identifier rules: no "/", "..", NUL, at most
+// 76 characters of [A-Za-z0-9._-], starting with a letter or digit).
+func ValidateID(kind, id string) error {
+	if err := identifiers.Validate(id); err != nil {
+		shown := id
+		if len(shown) > 80 {
+			shown = shown[:80] + "…"
+		}
+		return fmt.Errorf("%w: invalid %s id %q: must be 1-76 characters of letters, digits, '.', '_' and '-', starting with a letter or digit",
+			errdefs.ErrInvalidArgument, kind, shown)
+	}
+	return nil
+}
+
+// persist writes resource_info.json (when info is not nil) and then
+// state.json, each atomically. state.json is the commit point: it is
+// renamed last and, when durable, synced; recovery trusts it and rewrites
+// resource_info.json from it when that is missing, damaged or stale, so
+// resource_info.json, derived, needs no sync of its own.
+func persist(dir string, durable bool, s *State, info *resourceinfo.ResourceInfo) error {
+	var files []statefile.File
+	if info != nil {
+		data, err := statefile.EncodeJSON(info)
+		if err != nil {
+			return err
+		}
+		files = append(files, statefile.File{Name: ResourceInfoFile, Data: data, Derived: true})
+	}
+	data, err := statefile.EncodeJSON(s)
+	if err != nil {
+		return err
+	}
+	files = append(files, statefile.File{Name: StateFile, Data: data})
+	return statefile.WriteFiles(dir, durable, files...)
+}
+
+// loadState reads and checks a sandbox's state.json.
+func loadState(dir, id string) (*State, error) {
+	var s State
+	if err := statefile.ReadJSON(filepath.Join(dir, StateFile), &s); err != nil {
+		return nil, err
+	}
+	switch {
+	case s.Version != stateVersion:
+		return nil, fmt.Errorf("state version %d, want %d", s.Version, stateVersion)
+	case s.ID != id:
+		return nil, fmt.Errorf("state is for sandbox %q", s.ID)
+	case s.Phase != PhaseCreated && s.Phase != PhaseReady && s.Phase != PhaseStopped:
+		return nil, fmt.Errorf("unknown phase %q", s.Phase)
+	}
+	return &s, nil
+}
+
+// ReadResourceInfo reads a sandbox's resource_info.json.
+func ReadResourceInfo(dir string) (resourceinfo.ResourceInfo, error) {
+	var info resourceinfo.ResourceInfo
+	err := statefile.ReadJSON(filepath.Join(dir, ResourceInfoFile), &info)
+	return info, err
+}
+
+// mkdirSandbox creates a sandbox directory; Create syncs its parent once
+// the sandbox is committed.
+func mkdirSandbox(dir string) error {
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		if os.IsExist(err) {
+			return fmt.Errorf("sandbox directory %s exists: %w", dir, errdefs.ErrAlreadyExists)
+		}
+		return err
+	}
+	return nil
+}

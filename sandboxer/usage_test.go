@@ -1,0 +1,77 @@
+package sandboxer
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
+	"github.com/kuasar-io/resource-slot-sandboxer/slot"
+)
+
+// TestUsageSimulated: in slot mode a sandbox uses what its simulated
+// containers say they use.
+func TestUsageSimulated(t *testing.T) {
+	ctx := context.Background()
+	c, err := New(Options{Root: t.TempDir(), Backend: slot.New()})
+	require.NoError(t, err)
+	require.NoError(t, create(ctx, c, "sb", podConfig(map[string]string{
+		resourceinfo.AnnotationCPULimit: "1", resourceinfo.AnnotationMemoryLimit: "256Mi", resourceinfo.AnnotationPidLimit: "10",
+	}, nil)))
+
+	_, _, err = c.Usage(ctx, "sb")
+	assert.True(t, errdefs.IsFailedPrecondition(err), "created: no usage, got %v", err)
+	_, _, err = c.Usage(ctx, "nope")
+	assert.True(t, errdefs.IsNotFound(err), "%v", err)
+
+	_, err = c.Start(ctx, "sb")
+	require.NoError(t, err)
+	tasks := NewTasks(ctx, c, nil)
+	defer tasks.Close()
+
+	u, source, err := c.Usage(ctx, "sb")
+	require.NoError(t, err)
+	assert.Equal(t, UsageSimulated, source)
+	assert.Equal(t, uint64(0), *u.MemoryUsage, "no containers")
+	assert.Equal(t, 0.0, *u.CPUPercent)
+
+	for _, ctr := range []struct {
+		id  string
+		sim Simulation
+	}{
+		{"c1", Simulation{CPUUsage: 0.5, MemoryUsage: 100 << 20}},
+		{"c2", Simulation{CPUUsage: 0.25, MemoryUsage: 200 << 20}},
+	} {
+		k := TaskKey{"k8s.io", ctr.id}
+		_, err := tasks.Create(ctx, TaskSpec{Key: k, SandboxID: "sb", Simulation: ctr.sim})
+		require.NoError(t, err)
+		_, err = tasks.Start(ctx, k)
+		require.NoError(t, err)
+	}
+	time.Sleep(20 * time.Millisecond)
+	u, _, err = c.Usage(ctx, "sb")
+	require.NoError(t, err)
+	assert.InDelta(t, 75.0, *u.CPUPercent, 1e-9)
+	assert.Equal(t, uint64(300<<20), *u.MemoryUsage)
+	assert.Equal(t, uint64(2), *u.Pids)
+	assert.Positive(t, *u.CPUTimeNanos)
+	assert.Equal(t, []string{"memory_usage 314572800 > memory_limit 268435456"}, u.Violations)
+
+	// A stopped container keeps its CPU time, uses nothing more.
+	require.NoError(t, tasks.Kill(ctx, TaskKey{"k8s.io", "c2"}, 9))
+	require.Eventually(t, func() bool {
+		u, _, err = c.Usage(ctx, "sb")
+		return err == nil && *u.Pids == 1
+	}, 5*time.Second, 10*time.Millisecond)
+	assert.InDelta(t, 50.0, *u.CPUPercent, 1e-9)
+	assert.Equal(t, uint64(100<<20), *u.MemoryUsage)
+	assert.Empty(t, u.Violations)
+
+	require.NoError(t, c.Stop(ctx, "sb"))
+	_, _, err = c.Usage(ctx, "sb")
+	assert.True(t, errdefs.IsFailedPrecondition(err), "%v", err)
+}
