@@ -1,0 +1,173 @@
+// Command containerd-shim-resource-slot-v1 is the task shim of
+// resource-slot sandboxes.
+//
+//	containerd-shim-resource-slot-v1 serve --socket S --upstream U
+//
+// serves the task API (ttrpc) at S, the address the sandbox controller's
+// Start returns, and forwards each call to resource-slot-sandboxer's task
+// server at U. containerd holds one connection per task and takes a closed
+// connection for a dead shim, so this small process holds them while the
+// sandboxer restarts. resource-slot-sandboxer starts it when it is not
+// running; it exits when the sandboxer has been unreachable for
+// --orphan-timeout.
+//
+// containerd also resolves the binary of the io.containerd.resource-slot.v1
+// runtime type on PATH: "-info" answers its introspection (the features of
+// slot containers), and "delete", run to clean up after a shim that died,
+// answers with an exited task.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
+	apitypes "github.com/containerd/containerd/api/types"
+	"github.com/containerd/log"
+	"github.com/containerd/ttrpc"
+	"github.com/containerd/typeurl/v2"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/opencontainers/runtime-spec/specs-go/features"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/unixsock"
+	"github.com/kuasar-io/resource-slot-sandboxer/sandboxer"
+)
+
+func main() {
+	// containerd's shim protocol puts flags (-namespace, -id, ...) before
+	// the action.
+	for _, a := range os.Args[1:] {
+		switch a {
+		case "serve":
+			if err := serve(os.Args[2:]); err != nil {
+				fmt.Fprintln(os.Stderr, "containerd-shim-resource-slot-v1:", err)
+				os.Exit(1)
+			}
+			return
+		case "delete":
+			// Nothing runs under this binary: report an exited task.
+			data, err := proto.Marshal(&taskAPI.DeleteResponse{ExitedAt: timestamppb.Now(), ExitStatus: 128 + 9})
+			if err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				os.Exit(1)
+			}
+			os.Stdout.Write(data)
+			return
+		case "-info", "--info":
+			// containerd's introspection of the runtime: what a slot
+			// container accepts (it runs nothing, so every mount option and
+			// namespace is accepted and recorded).
+			if err := writeInfo(); err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				os.Exit(1)
+			}
+			return
+		case "-v", "--version", "version":
+			fmt.Println("containerd-shim-resource-slot-v1: task shim of resource-slot-sandboxer")
+			return
+		}
+	}
+	fmt.Fprintln(os.Stderr, "containerd-shim-resource-slot-v1: resource-slot-sandboxer starts this shim itself; containerd reaches it through the sandboxer (runtime sandboxer = \"resource-slot\")")
+	os.Exit(1)
+}
+
+// writeInfo prints the shim's RuntimeInfo (protobuf) as containerd's
+// shims do for -info: the runtime-spec features of slot containers.
+func writeInfo() error {
+	enabled := true
+	f := &features.Features{
+		OCIVersionMin: "1.0.0",
+		OCIVersionMax: specs.Version,
+		MountOptions:  []string{"rbind", "bind", "ro", "rro", "rw", "nosuid", "nodev", "noexec", "idmap", "ridmap"},
+		Linux: &features.Linux{
+			Namespaces: []string{"cgroup", "ipc", "mount", "network", "pid", "time", "user", "uts"},
+			MountExtensions: &features.MountExtensions{
+				IDMap: &features.IDMap{Enabled: &enabled},
+			},
+		},
+	}
+	fa, err := typeurl.MarshalAnyToProto(f)
+	if err != nil {
+		return err
+	}
+	data, err := proto.Marshal(&apitypes.RuntimeInfo{
+		Name:     "io.containerd.resource-slot.v1",
+		Version:  &apitypes.RuntimeVersion{Version: "resource-slot-sandboxer"},
+		Features: fa,
+	})
+	if err != nil {
+		return err
+	}
+	_, err = os.Stdout.Write(data)
+	return err
+}
+
+func serve(args []string) error {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	var (
+		socket   = fs.String("socket", "", "task API socket containerd connects to")
+		upstream = fs.String("upstream", "", "the sandboxer's task server socket")
+		orphan   = fs.Duration("orphan-timeout", time.Hour, "exit when the sandboxer has been unreachable this long")
+		level    = fs.String("log-level", "info", "log level")
+	)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *socket == "" || *upstream == "" || *orphan <= 0 {
+		return fmt.Errorf("serve needs --socket, --upstream and a positive --orphan-timeout")
+	}
+	if err := log.SetLevel(*level); err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	signal.Ignore(syscall.SIGPIPE, syscall.SIGHUP)
+
+	l, err := unixsock.Listen(*socket)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(*socket)
+	srv, err := ttrpc.NewServer(ttrpc.WithServerHandshaker(ttrpc.UnixSocketRequireSameUser()))
+	if err != nil {
+		return err
+	}
+	proxy := sandboxer.NewTaskProxy(*upstream)
+	defer proxy.Close()
+	proxy.Register(srv)
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ctx, l) }()
+	log.G(ctx).WithFields(log.Fields{"socket": *socket, "upstream": *upstream, "pid": os.Getpid()}).Info("task shim serving")
+
+	tick := time.NewTicker(min(*orphan/4, 10*time.Second))
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return shutdown(srv)
+		case err := <-errc:
+			return err
+		case <-tick.C:
+			if d := proxy.Unreachable(); d > *orphan {
+				log.G(ctx).WithField("unreachable_for", d).Warn("resource-slot-sandboxer is gone; the task shim exits")
+				return shutdown(srv)
+			}
+		}
+	}
+}
+
+func shutdown(srv *ttrpc.Server) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		srv.Close()
+	}
+	return nil
+}
