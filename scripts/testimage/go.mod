@@ -1,0 +1,3 @@
+module testimage
+
+go 1.22
