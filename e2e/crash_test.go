@@ -1,0 +1,312 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	api "github.com/containerd/containerd/api/services/sandbox/v1"
+	"github.com/containerd/containerd/v2/core/sandbox"
+	"github.com/containerd/containerd/v2/core/sandbox/proxy"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/typeurl/v2"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
+)
+
+// crashModel is what a client was told about one sandbox: its last
+// acknowledged state and, if a call on it got no answer because the daemon
+// was killed, the state that call would have led to.
+type crashModel struct {
+	exists, ready bool
+	cpu           float64 // acknowledged cpu_limit, 0 for none
+	pending       *crashModel
+}
+
+// updatedResources is what containerd's CRI sends on a pod resize.
+type updatedResources struct {
+	Overhead  *runtime.LinuxContainerResources
+	Resources *runtime.LinuxContainerResources
+}
+
+func init() {
+	typeurl.Register(&updatedResources{}, "io.containerd.cri.v1", "UpdatedResources")
+}
+
+// TestCrashConsistency kills the sandboxer with SIGKILL at random moments
+// while sandboxes are created, started, resized and removed through its
+// own API and through containerd, restarts it, and checks that every
+// sandbox is as the clients were last told (or as the call cut short would
+// have left it), that no temp file remains and that containerd agrees.
+func TestCrashConsistency(t *testing.T) {
+	rounds, perRound := 20, 10
+	if n, err := strconv.Atoi(os.Getenv("RSS_CRASH_ROUNDS")); err == nil && n > 0 {
+		rounds = n
+	}
+	conn, err := grpc.NewClient("unix://"+h.SandboxerSock(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	require.NoError(t, err)
+	defer conn.Close()
+	ctrl := proxy.NewSandboxController(api.NewControllerClient(conn), "resource-slot")
+
+	direct := map[string]*crashModel{}
+	viaCRI := map[string]*crashModel{} // by pod ID; only acknowledged ones
+	total := 0
+	for round := range rounds {
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		stop := make(chan struct{})
+		// Direct API workers: each owns its sandboxes, one call at a time.
+		for w := range 4 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := range perRound {
+					id := fmt.Sprintf("crash-r%d-w%d-%d", round, w, i)
+					m := &crashModel{}
+					mu.Lock()
+					direct[id] = m
+					mu.Unlock()
+					if !crashLifecycle(t, ctrl, id, m, &mu, stop) {
+						return
+					}
+				}
+			}()
+		}
+		// containerd workers.
+		for w := range 2 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := 0; ; i++ {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					cfg := podConfig(fmt.Sprintf("crash-%d-%d-%d", round, w, i), map[string]string{"resources.limits.cpu": "3"}, nil)
+					resp, err := h.cri.RunPodSandbox(context.Background(), &runtime.RunPodSandboxRequest{Config: cfg, RuntimeHandler: "resource-slot"})
+					if err != nil {
+						return
+					}
+					m := &crashModel{exists: true, ready: true, cpu: 3}
+					mu.Lock()
+					viaCRI[resp.PodSandboxId] = m
+					mu.Unlock()
+					if i%2 == 0 {
+						continue // keep some
+					}
+					mu.Lock()
+					m.pending = &crashModel{exists: true, cpu: 3}
+					mu.Unlock()
+					if _, err := h.cri.StopPodSandbox(context.Background(), &runtime.StopPodSandboxRequest{PodSandboxId: resp.PodSandboxId}); err != nil {
+						return
+					}
+					mu.Lock()
+					*m = crashModel{exists: true, cpu: 3, pending: &crashModel{}}
+					mu.Unlock()
+					if _, err := h.cri.RemovePodSandbox(context.Background(), &runtime.RemovePodSandboxRequest{PodSandboxId: resp.PodSandboxId}); err != nil {
+						return
+					}
+					mu.Lock()
+					*m = crashModel{}
+					mu.Unlock()
+				}
+			}()
+		}
+		time.Sleep(time.Duration(50+rand.IntN(400)) * time.Millisecond)
+		require.NoError(t, h.stopSandboxer(syscall.SIGKILL))
+		close(stop)
+		wg.Wait()
+		// Temp files of writes the kill interrupted: recovery must remove
+		// them (new ones may appear as containerd calls the new daemon).
+		interrupted := tempFiles()
+		require.NoError(t, h.startSandboxer())
+		for _, p := range interrupted {
+			_, err := os.Stat(p)
+			assert.True(t, os.IsNotExist(err), "round %d: temp file left by the crash survived recovery: %s", round, p)
+		}
+		total += 4 * perRound
+
+		mu.Lock()
+		checkCrashState(t, round, direct, viaCRI)
+		mu.Unlock()
+		if t.Failed() {
+			return
+		}
+	}
+	t.Logf("%d rounds, %d sandboxes through the sandbox API and %d through containerd, all as acknowledged", rounds, len(direct), len(viaCRI))
+
+	// Clean up everything, including what no client was told about (a
+	// runp cut short), so later tests start from an empty node.
+	ctx := context.Background()
+	h.waitContainerdReconnects(t)
+	resp, err := h.cri.ListPodSandbox(ctx, &runtime.ListPodSandboxRequest{})
+	require.NoError(t, err)
+	for _, p := range resp.Items {
+		if strings.HasPrefix(p.Metadata.Name, "crash-") {
+			h.cri.StopPodSandbox(ctx, &runtime.StopPodSandboxRequest{PodSandboxId: p.Id})
+			h.cri.RemovePodSandbox(ctx, &runtime.RemovePodSandboxRequest{PodSandboxId: p.Id})
+		}
+	}
+	entries, err := os.ReadDir(h.StateDir())
+	require.NoError(t, err)
+	for _, e := range entries {
+		if e.IsDir() && !strings.HasPrefix(e.Name(), ".") {
+			if err := ctrl.Shutdown(ctx, e.Name()); err != nil && !errdefs.IsNotFound(err) {
+				t.Errorf("clean up %s: %v", e.Name(), err)
+			}
+		}
+	}
+}
+
+// crashLifecycle runs create, start, resizes, stop and shutdown of one
+// sandbox, recording each acknowledgement; it returns false once the
+// daemon is gone.
+func crashLifecycle(t *testing.T, ctrl sandbox.Controller, id string, m *crashModel, mu *sync.Mutex, stop <-chan struct{}) bool {
+	ctx := context.Background()
+	step := func(next crashModel, call func() error) bool {
+		select {
+		case <-stop:
+			return false
+		default:
+		}
+		mu.Lock()
+		m.pending = &next
+		mu.Unlock()
+		err := call()
+		mu.Lock()
+		defer mu.Unlock()
+		if err != nil {
+			if errdefs.IsUnavailable(err) || strings.Contains(err.Error(), "connection") || strings.Contains(err.Error(), "EOF") {
+				return false // the daemon was killed: leave pending set
+			}
+			t.Errorf("%s: %v", id, err)
+			return false
+		}
+		*m = next
+		return true
+	}
+	cfg := podConfig(id, map[string]string{}, &runtime.LinuxContainerResources{CpuPeriod: 100000, CpuQuota: 100000})
+	if !step(crashModel{exists: true, cpu: 1}, func() error {
+		return ctrl.Create(ctx, sandbox.Sandbox{ID: id}, sandbox.WithOptions(cfg))
+	}) {
+		return false
+	}
+	if !step(crashModel{exists: true, ready: true, cpu: 1}, func() error { _, err := ctrl.Start(ctx, id); return err }) {
+		return false
+	}
+	for k := 2; k <= 4; k++ {
+		ext, err := typeurl.MarshalAny(&updatedResources{Resources: &runtime.LinuxContainerResources{CpuPeriod: 100000, CpuQuota: int64(k) * 100000}})
+		if err != nil {
+			t.Error(err)
+			return false
+		}
+		if !step(crashModel{exists: true, ready: true, cpu: float64(k)}, func() error {
+			return ctrl.Update(ctx, id, sandbox.Sandbox{ID: id, Extensions: map[string]typeurl.Any{"updated-resources": ext}}, "extensions")
+		}) {
+			return false
+		}
+	}
+	if rand.IntN(2) == 0 {
+		return true // keep it running
+	}
+	if !step(crashModel{exists: true, cpu: 4}, func() error { return ctrl.Stop(ctx, id) }) {
+		return false
+	}
+	return step(crashModel{}, func() error { return ctrl.Shutdown(ctx, id) })
+}
+
+func checkCrashState(t *testing.T, round int, direct, viaCRI map[string]*crashModel) {
+	t.Helper()
+	matches := func(id string, m crashModel) bool {
+		dir := filepath.Join(h.StateDir(), id)
+		data, err := os.ReadFile(filepath.Join(dir, "resource_info.json"))
+		if !m.exists {
+			_, statErr := os.Stat(dir)
+			return os.IsNotExist(statErr)
+		}
+		if err != nil {
+			return false
+		}
+		var info map[string]any
+		if json.Unmarshal(data, &info) != nil {
+			return false
+		}
+		cpu, _ := info["cpu_limit"].(float64)
+		if cpu != m.cpu {
+			return false
+		}
+		var st struct{ Phase string }
+		sdata, err := os.ReadFile(filepath.Join(dir, "state.json"))
+		if err != nil || json.Unmarshal(sdata, &st) != nil {
+			return false
+		}
+		return (st.Phase == "ready") == m.ready
+	}
+	for _, models := range []map[string]*crashModel{direct, viaCRI} {
+		for id, m := range models {
+			ok := matches(id, *m)
+			if !ok && m.pending != nil {
+				ok = matches(id, *m.pending)
+			}
+			if ok && m.pending != nil {
+				// Settle the model on what the daemon kept.
+				if matches(id, *m.pending) {
+					*m = *m.pending
+				}
+				m.pending = nil
+			}
+			assert.True(t, ok, "round %d: sandbox %s is not as acknowledged (%+v)", round, id, *m)
+		}
+	}
+	_, err := os.Stat(filepath.Join(h.StateDir(), ".quarantine"))
+	assert.True(t, os.IsNotExist(err), "round %d: nothing was quarantined", round)
+
+	// containerd agrees: every pod it lists as ready is ready here. A stop
+	// the kill cut short reaches containerd through its Wait, which it
+	// re-sends to the new daemon, so agreement comes within moments.
+	var disagree []string
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		disagree = disagree[:0]
+		resp, err := h.cri.ListPodSandbox(context.Background(), &runtime.ListPodSandboxRequest{})
+		require.NoError(t, err)
+		for _, p := range resp.Items {
+			if p.State != runtime.PodSandboxState_SANDBOX_READY || p.RuntimeHandler != "resource-slot" {
+				continue
+			}
+			data, err := os.ReadFile(filepath.Join(h.StateDir(), p.Id, "state.json"))
+			if err != nil || !strings.Contains(string(data), `"phase": "ready"`) {
+				disagree = append(disagree, p.Id)
+			}
+		}
+		if len(disagree) == 0 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	assert.Empty(t, disagree, "round %d: containerd lists these ready, the sandboxer does not", round)
+}
+
+func tempFiles() []string {
+	var found []string
+	filepath.Walk(h.StateDir(), func(p string, fi os.FileInfo, err error) error {
+		if err == nil && strings.HasPrefix(fi.Name(), ".tmp-") {
+			found = append(found, p)
+		}
+		return nil
+	})
+	return found
+}
