@@ -167,7 +167,11 @@ func (s *Service) Update(ctx context.Context, req *api.ControllerUpdateRequest) 
 // Errors that carry no errdefs class are internal.
 func toGRPC(ctx context.Context, method string, err error) error {
 	l := log.G(ctx).WithError(err).WithField("method", method)
-	if errdefs.IsNotFound(err) || errdefs.IsInvalidArgument(err) || errdefs.IsAlreadyExists(err) ||
+	if errdefs.IsNotFound(err) {
+		// containerd asks for the status and metrics of sandboxes it has
+		// just removed: routine, not worth an info line per pod.
+		l.Debug("sandbox call refused")
+	} else if errdefs.IsInvalidArgument(err) || errdefs.IsAlreadyExists(err) ||
 		errdefs.IsFailedPrecondition(err) || errdefs.IsResourceExhausted(err) {
 		l.Info("sandbox call refused")
 	} else {

@@ -94,9 +94,7 @@ func writeTemp(dir, name string, data []byte, sync bool) (string, error) {
 		return "", fmt.Errorf("write %s: %w", name, err)
 	}
 	defer f.Close()
-	if err := f.Chmod(FileMode); err != nil {
-		return f.Name(), fmt.Errorf("write %s: %w", name, err)
-	}
+	// CreateTemp creates the file with mode 0600, which is FileMode.
 	if _, err := f.Write(data); err != nil {
 		return f.Name(), fmt.Errorf("write %s: %w", name, err)
 	}
