@@ -38,7 +38,7 @@ type harness struct {
 	// when RSS_VM_TESTS and RSS_GUEST_DIR are set.
 	vm       *exec.Cmd
 	vmConfig string
-	noop     *noop
+	noop     *exec.Cmd
 	cri      runtime.RuntimeServiceClient
 	conn     *grpc.ClientConn
 }
@@ -46,6 +46,9 @@ type harness struct {
 var h *harness
 
 func TestMain(m *testing.M) {
+	if socks := os.Getenv(noopEnv); socks != "" {
+		os.Exit(serveNoop(socks))
+	}
 	if os.Getenv("RSS_E2E") == "" {
 		fmt.Println("e2e: skipped; set RSS_E2E=1 (make test does) to run against a real containerd")
 		os.Exit(0)
@@ -112,7 +115,7 @@ func setup() (*harness, error) {
 			return x, err
 		}
 	}
-	if x.noop, err = startNoop(filepath.Join(base, "noop.sock"), filepath.Join(base, "noop-task.sock")); err != nil {
+	if x.noop, err = startNoopProcess(filepath.Join(base, "noop.log"), filepath.Join(base, "noop.sock"), filepath.Join(base, "noop-task.sock")); err != nil {
 		return x, err
 	}
 	if out, err := x.script("containerd-env.sh", "start"); err != nil {
@@ -176,12 +179,18 @@ func (x *harness) stopSandboxer(sig syscall.Signal) error {
 // startDaemon runs resource-slot-sandboxer with a config and waits until
 // it serves on sock and its task shim on taskSock.
 func startDaemon(bin, config, logPath, sock, taskSock string) (*exec.Cmd, error) {
+	cmd := exec.Command(filepath.Join(bin, "resource-slot-sandboxer"), "--config", config)
+	return startProcess(cmd, logPath, sock, taskSock)
+}
+
+// startProcess starts cmd with its output in logPath and waits until it
+// answers on sock and has created taskSock.
+func startProcess(cmd *exec.Cmd, logPath, sock, taskSock string) (*exec.Cmd, error) {
 	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
 	if err != nil {
 		return nil, err
 	}
 	defer logf.Close()
-	cmd := exec.Command(filepath.Join(bin, "resource-slot-sandboxer"), "--config", config)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		return nil, err
@@ -194,7 +203,7 @@ func startDaemon(bin, config, logPath, sock, taskSock string) (*exec.Cmd, error)
 	for time.Now().Before(deadline) {
 		select {
 		case <-exited:
-			return nil, fmt.Errorf("the daemon exited; see %s", logPath)
+			return nil, fmt.Errorf("%s exited; see %s", filepath.Base(cmd.Path), logPath)
 		default:
 		}
 		if c, err := net.DialTimeout("unix", sock, time.Second); err == nil {
@@ -206,7 +215,55 @@ func startDaemon(bin, config, logPath, sock, taskSock string) (*exec.Cmd, error)
 		time.Sleep(20 * time.Millisecond)
 	}
 	cmd.Process.Kill()
-	return nil, fmt.Errorf("the daemon did not start listening on %s", sock)
+	return nil, fmt.Errorf("%s did not start listening on %s", filepath.Base(cmd.Path), sock)
+}
+
+// withConfig runs fn with the sandboxer restarted on its configuration
+// plus extra (top-level keys, then tables), and restarts it on the
+// original afterwards. A top-level key of extra replaces the original's.
+func (x *harness) withConfig(tb testing.TB, extra string, fn func()) {
+	tb.Helper()
+	orig, err := os.ReadFile(x.sbConfig)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	restart := func(cfg string) {
+		tb.Helper()
+		if err := os.WriteFile(x.sbConfig, []byte(cfg), 0o600); err != nil {
+			tb.Fatal(err)
+		}
+		if err := x.stopSandboxer(syscall.SIGTERM); err != nil {
+			tb.Fatal(err)
+		}
+		if err := x.startSandboxer(); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	restart(mergeConfig(string(orig), extra))
+	defer restart(string(orig))
+	fn()
+}
+
+// mergeConfig appends extra to a TOML configuration of top-level keys,
+// dropping the keys that extra sets again.
+func mergeConfig(orig, extra string) string {
+	set := map[string]bool{}
+	for _, line := range strings.Split(extra, "\n") {
+		if strings.HasPrefix(strings.TrimSpace(line), "[") {
+			break
+		}
+		if k, _, ok := strings.Cut(line, "="); ok {
+			set[strings.TrimSpace(k)] = true
+		}
+	}
+	var b strings.Builder
+	for _, line := range strings.SplitAfter(orig, "\n") {
+		if k, _, ok := strings.Cut(line, "="); ok && set[strings.TrimSpace(k)] {
+			continue
+		}
+		b.WriteString(line)
+	}
+	return b.String() + extra
 }
 
 // vmSock is the vm daemon's socket for containerd's config, "" without one.
@@ -286,9 +343,7 @@ func (x *harness) teardown() {
 	}
 	x.stopSandboxer(syscall.SIGTERM)
 	stopDaemon(x.vm, syscall.SIGTERM)
-	if x.noop != nil {
-		x.noop.stop()
-	}
+	stopDaemon(x.noop, syscall.SIGTERM)
 	// The task shim outlives the sandboxer by design.
 	exec.Command("pkill", "-f", "serve --socket "+x.TaskSock()).Run()
 	exec.Command("pkill", "-f", "serve --socket "+filepath.Join(x.base, "vm-task.sock")).Run()

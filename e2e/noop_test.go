@@ -2,8 +2,12 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"os"
+	"os/exec"
+	"os/signal"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -22,8 +26,10 @@ import (
 
 // noop is the benchmarks' baseline: a sandbox controller and task service
 // that do the least containerd needs (states, waits, stdio) and nothing
-// else: no extraction, no persistence. It runs in the test process on its
-// own sockets and is registered in containerd as the runtime "noop".
+// else: no extraction, no persistence. Like the sandboxer it is a process
+// of its own (the test binary run again, see serveNoop), so that the two
+// differ in the work they do, not in how containerd reaches them; it is
+// registered in containerd as the runtime "noop".
 type noop struct {
 	api.UnimplementedControllerServer
 	taskAddr string
@@ -43,6 +49,36 @@ type noopTask struct {
 	done   chan struct{}
 	stdio  []interface{ Close() error }
 	cancel context.CancelFunc
+}
+
+// noopEnv, set to "<controller socket>:<task socket>", makes the test
+// binary serve the baseline instead of running tests.
+const noopEnv = "RSS_NOOP_SOCKETS"
+
+// startNoopProcess runs the baseline in a child process.
+func startNoopProcess(logPath, sock, taskSock string) (*exec.Cmd, error) {
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), noopEnv+"="+sock+":"+taskSock)
+	return startProcess(cmd, logPath, sock, taskSock)
+}
+
+// serveNoop serves the baseline until SIGTERM or SIGINT.
+func serveNoop(socks string) int {
+	sock, taskSock, ok := strings.Cut(socks, ":")
+	if !ok {
+		fmt.Fprintf(os.Stderr, "%s=%q: want <socket>:<task socket>\n", noopEnv, socks)
+		return 2
+	}
+	n, err := startNoop(sock, taskSock)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "noop baseline:", err)
+		return 1
+	}
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	<-sig
+	n.stop()
+	return 0
 }
 
 func startNoop(sock, taskSock string) (*noop, error) {

@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -21,23 +20,6 @@ import (
 
 	"github.com/kuasar-io/resource-slot-sandboxer/admin/api"
 )
-
-// withConfigT runs fn with extra lines (top-level keys, then tables) in the
-// sandboxer's configuration, restarting it before and after: the twin of
-// bench_test.go's withConfig for tests.
-func withConfigT(t *testing.T, extra string, fn func()) {
-	t.Helper()
-	orig, err := os.ReadFile(h.sbConfig)
-	require.NoError(t, err)
-	restart := func(cfg []byte) {
-		require.NoError(t, os.WriteFile(h.sbConfig, cfg, 0o600))
-		require.NoError(t, h.stopSandboxer(syscall.SIGTERM))
-		require.NoError(t, h.startSandboxer())
-	}
-	restart(append(append([]byte{}, orig...), extra...))
-	defer restart(orig)
-	fn()
-}
 
 // AdminSock is the admin socket: derived from the listen socket.
 func (x *harness) AdminSock() string { return filepath.Join(x.base, "sb-admin.sock") }
@@ -108,7 +90,7 @@ cpu_core_hour = 0.05
 memory_gib_hour = 0.01
 `, metricsAddr, num(capCPU))
 
-	withConfigT(t, extra, func() {
+	h.withConfig(t, extra, func() {
 		h.slotctlJSON(t, &capa, "capacity")
 		require.Equal(t, "enforce", capa.Policy)
 		require.Equal(t, capCPU, cpuOf(capa).Capacity)
