@@ -238,11 +238,8 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 			}
 		}
 	}()
+	// Not synced (see commit): Start makes the sandbox durable.
 	if err := c.commit(sb, st); err != nil {
-		return err
-	}
-	// The new directory's entry in the state dir: the commit's last step.
-	if err := c.syncRoot(); err != nil {
 		return err
 	}
 	logResources(ctx, "sandbox created", ri)
@@ -268,7 +265,13 @@ func (c *Controller) Start(ctx context.Context, id string) (sandbox.ControllerIn
 	now := c.opts.Now().UTC()
 	st.Phase, st.StartedAt, st.Pid = PhaseReady, &now, pid
 	st.Ledger.close(resourceinfo.Allocation{}, now, true)
-	if err := c.commit(sb, st); err != nil {
+	// Create did not sync the sandbox's entry in the state dir (see
+	// commit): sync it before the first durable state.
+	err = c.syncRoot()
+	if err == nil {
+		err = c.commit(sb, st)
+	}
+	if err != nil {
 		if serr := c.opts.Backend.Stop(context.WithoutCancel(ctx), id, 0); serr != nil {
 			log.G(ctx).WithError(serr).Warn("stop sandbox whose start could not be saved")
 		}
@@ -682,6 +685,11 @@ type SandboxView struct {
 // commit persists st and makes it the sandbox's state. resource_info.json
 // is rewritten only when the resources changed: most changes (start, stop,
 // a task's status) leave them as they were.
+//
+// A sandbox still in PhaseCreated is written atomically but not synced:
+// containerd starts it right after creating it, a power loss in between is
+// the runp that failed, and recovery collects created sandboxes anyway
+// (created_grace). This saves two of a pod's eight syncs.
 func (c *Controller) commit(sb *sandboxEntry, st *State) error {
 	ri := st.ResourceInfo()
 	write := &ri
@@ -693,7 +701,8 @@ func (c *Controller) commit(sb *sandboxEntry, st *State) error {
 			ri.UpdatedAt = time.Now().UTC()
 		}
 	}
-	if err := persist(sb.dir, !c.opts.NoSync, st, write); err != nil {
+	durable := !c.opts.NoSync && st.Phase != PhaseCreated
+	if err := persist(sb.dir, durable, st, write); err != nil {
 		return fmt.Errorf("save sandbox %s: %w", sb.id, err)
 	}
 	sb.snap.Store(&snapshot{state: st, info: ri})

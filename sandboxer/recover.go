@@ -92,9 +92,12 @@ func (c *Controller) recoverOne(ctx context.Context, id string, rep *RecoverRepo
 		log.G(ctx).WithField("files", removed).Info("removed temp files of an interrupted write")
 	}
 	st, err := loadState(dir, id)
-	if errors.Is(err, os.ErrNotExist) {
-		// Create was interrupted before its commit point: the sandbox was
-		// never acknowledged, so nothing is lost by removing it.
+	if errors.Is(err, os.ErrNotExist) || emptyFile(filepath.Join(dir, StateFile)) {
+		// Create was interrupted before its commit point, or a power
+		// loss took its unsynced state (durable writes sync the data
+		// before the rename, so only a created sandbox's state can be
+		// empty): the sandbox was never started, so nothing is lost by
+		// removing it.
 		log.G(ctx).Info("removing sandbox whose creation did not complete")
 		if err := c.opts.Backend.Delete(ctx, id); err != nil {
 			return fmt.Errorf("delete incomplete sandbox from backend: %w", err)
@@ -155,6 +158,12 @@ func (c *Controller) recoverOne(ctx context.Context, id string, rep *RecoverRepo
 	c.mu.Unlock()
 	rep.Loaded++
 	return nil
+}
+
+// emptyFile reports whether path is a regular file of no bytes.
+func emptyFile(path string) bool {
+	fi, err := os.Lstat(path)
+	return err == nil && fi.Mode().IsRegular() && fi.Size() == 0
 }
 
 // unknownExitCode is the exit status of a sandbox whose end was not seen,

@@ -70,7 +70,7 @@ func TestRecoverRepairs(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
 	c := newController(t, root, slot.New())
-	for _, id := range []string{"good", "corrupt", "truncated", "noinfo", "badinfo"} {
+	for _, id := range []string{"good", "corrupt", "truncated", "noinfo", "badinfo", "powerloss"} {
 		require.NoError(t, create(ctx, c, id, podConfig(map[string]string{resourceinfo.AnnotationPidLimit: "100"}, nil)))
 	}
 	write := func(path, content string) {
@@ -82,6 +82,9 @@ func TestRecoverRepairs(t *testing.T) {
 	write(filepath.Join(root, "truncated", StateFile), string(data[:len(data)/2]))
 	require.NoError(t, os.Remove(filepath.Join(root, "noinfo", ResourceInfoFile)))
 	write(filepath.Join(root, "badinfo", ResourceInfoFile), `{"cpu_limit": "x"}`)
+	// A created sandbox's state is not synced: a power loss can leave it
+	// empty, which is an unfinished runp, not damage.
+	write(filepath.Join(root, "powerloss", StateFile), "")
 	// What a crash leaves: temp files, a half-removed sandbox, a sandbox
 	// whose Create never reached its commit point.
 	write(filepath.Join(root, "good", ".tmp-state.json-123"), "partial")
@@ -99,7 +102,7 @@ func TestRecoverRepairs(t *testing.T) {
 		m := readInfo(t, root, id)
 		assert.Equal(t, 100.0, m["pid_limit"], "%s has a valid resource_info.json", id)
 	}
-	for _, id := range []string{"corrupt", "truncated", "uncommitted"} {
+	for _, id := range []string{"corrupt", "truncated", "uncommitted", "powerloss"} {
 		_, err := os.Stat(filepath.Join(root, id))
 		assert.True(t, os.IsNotExist(err), "%s moved out of the state dir", id)
 		_, err = c2.Status(ctx, id, false)
