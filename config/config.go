@@ -165,9 +165,11 @@ func (c Config) TaskSocketPath() string {
 }
 
 // TaskUpstreamPath is the daemon's own task server socket, which the task
-// shim forwards to; it lives in the state directory, which only root reads.
+// shim forwards to. It is derived from the task socket, not from Dir: the
+// shim outlives the daemon, and a daemon restarted with another Dir must
+// find the shim it reuses forwarding to where it listens.
 func (c Config) TaskUpstreamPath() string {
-	return filepath.Join(c.Dir, ".task.sock")
+	return strings.TrimSuffix(c.TaskSocketPath(), ".sock") + "-upstream.sock"
 }
 
 // Validate reports every invalid value at once.
@@ -186,6 +188,9 @@ func (c Config) Validate() error {
 	}
 	if filepath.Clean(c.TaskSocketPath()) == filepath.Clean(c.Listen) {
 		bad("task_socket", "must differ from listen")
+	}
+	if filepath.Clean(c.TaskUpstreamPath()) == filepath.Clean(c.Listen) {
+		bad("listen", "must differ from the task shim's upstream socket %s", c.TaskUpstreamPath())
 	}
 	if _, err := logrus.ParseLevel(c.LogLevel); err != nil {
 		bad("log_level", "%q is not one of trace, debug, info, warn, error", c.LogLevel)

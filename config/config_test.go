@@ -38,7 +38,7 @@ func TestDefault(t *testing.T) {
 		},
 	}, cfg)
 	assert.Equal(t, "/run/resource-slot-sandboxer-task.sock", cfg.TaskSocketPath())
-	assert.Equal(t, "/var/lib/kuasar-resource-slot/.task.sock", cfg.TaskUpstreamPath())
+	assert.Equal(t, "/run/resource-slot-sandboxer-task-upstream.sock", cfg.TaskUpstreamPath())
 }
 
 // tomlKeys are the keys of every Config field.
@@ -328,6 +328,11 @@ func TestValidate(t *testing.T) {
 			desc:   "task socket is listen with a double slash",
 			change: func(c *Config) { c.TaskSocket = "/run//resource-slot-sandboxer.sock" },
 			want:   []string{"task_socket: must differ from listen"},
+		},
+		{
+			desc:   "listen is the task shim's upstream",
+			change: func(c *Config) { c.TaskSocket = "/run/t.sock"; c.Listen = "/run/t-upstream.sock" },
+			want:   []string{"listen: must differ from the task shim's upstream socket /run/t-upstream.sock"},
 		},
 		{
 			desc:   "relative containerd address",
