@@ -17,6 +17,10 @@
 #   rss.pids=N     pids.max of the cgroup v2 "sandbox" group every process
 #                  init starts is put in (init itself stays in the root).
 #   rss.burn=N     start N busy loops (tests: CPU quota enforcement).
+#   rss.forktest=1 once ready, fork sleepers in the sandbox group until the
+#                  kernel refuses, print "rss: forktest forked=N
+#                  pids.max=M refused=yes|no" and kill them (tests: the pid
+#                  limit is enforced, not just configured).
 #   rss.port=NAME  virtio-serial port name to announce readiness on
 #                  (default org.kuasar.rss.ready).
 #   rss.debug=1    acpid logs to the console.
@@ -181,11 +185,12 @@ mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
 mount -t tmpfs -o nosuid,nodev tmpfs /run
 exec </dev/console >/dev/console 2>&1
 
-pids="" burn=0 port=org.kuasar.rss.ready debug=0
+pids="" burn=0 port=org.kuasar.rss.ready debug=0 forktest=0
 for arg in $(cat /proc/cmdline); do
 	case $arg in
 	rss.pids=*) pids=${arg#rss.pids=} ;;
 	rss.burn=*) burn=${arg#rss.burn=} ;;
+	rss.forktest=*) forktest=${arg#rss.forktest=} ;;
 	rss.port=*) port=${arg#rss.port=} ;;
 	rss.debug=*) debug=${arg#rss.debug=} ;;
 	esac
@@ -239,6 +244,25 @@ if [ -n "$dev" ]; then
 	echo "$msg" >"$dev"
 fi
 echo "$msg"
+
+# The fork test: a shell in the sandbox group starts sleepers until a fork
+# fails (ash then exits with an error) or 4096 run; the count it reached is
+# in /run/forktest.
+if [ "$forktest" = 1 ]; then
+	spawn sh -c 'n=0; while [ $n -lt 4096 ]; do sleep 1000 & n=$((n + 1)); echo $n >/run/forktest; done; echo no >/run/forktest.end'
+	t=0
+	while [ "$t" -lt 60 ]; do
+		sleep 1
+		t=$((t + 1))
+		# Done when the forking shell is gone: only sleepers, acpid and
+		# the burners are left in the group.
+		pgrep -f 'n=0; while' >/dev/null || break
+	done
+	refused=yes
+	[ -e /run/forktest.end ] && refused=no
+	echo "rss: forktest forked=$(cat /run/forktest 2>/dev/null || echo 0) pids.max=$(cat $cg/sandbox/pids.max) refused=$refused"
+	killall sleep 2>/dev/null
+fi
 
 # Idle; the shell reaps orphans between sleeps. vCPUs the host hot-plugs
 # (virsh setvcpus --live) arrive offline without udev: bring them online.

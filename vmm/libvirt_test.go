@@ -71,6 +71,31 @@ func field(t *testing.T, out, name string) string {
 	return m[1]
 }
 
+// checkForkTest waits for the guest's fork test (rss.forktest=1) and checks
+// that the kernel refused forks at the pid limit: the sleepers it forked
+// and the sandbox group's other processes (acpid, the burners, the forking
+// shell) stay within limit, and reach it.
+func checkForkTest(t *testing.T, console string, limit int) {
+	t.Helper()
+	re := regexp.MustCompile(`rss: forktest forked=(\d+) pids.max=(\d+) refused=(\w+)`)
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		data, _ := os.ReadFile(console)
+		if m := re.FindStringSubmatch(string(data)); m != nil {
+			forked, _ := strconv.Atoi(m[1])
+			t.Logf("fork test: %d sleepers forked under pids.max=%s before the kernel refused (%s)", forked, m[2], m[3])
+			if m[2] != strconv.Itoa(limit) || m[3] != "yes" || forked >= limit || forked < limit-8 {
+				t.Errorf("fork test: %q; want forks refused just below pids.max=%d", m[0], limit)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no fork test result on the console:\n%s", data)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
+
 func mustContain(t *testing.T, what, s string, subs ...string) {
 	t.Helper()
 	for _, sub := range subs {
@@ -188,7 +213,7 @@ func qemuRSSKiB(pid uint32) int64 {
 // finally destroys it behind the backend's back.
 func TestVMSandbox(t *testing.T) {
 	cfg, opts := vmTestConfig(t)
-	cfg.Cmdline = DefaultCmdline + " rss.burn=2"
+	cfg.Cmdline = DefaultCmdline + " rss.burn=2 rss.forktest=1"
 	ctx := context.Background()
 	b := newTestBackend(t, cfg, opts)
 	t.Cleanup(func() { _ = b.Close() })
@@ -263,6 +288,7 @@ func TestVMSandbox(t *testing.T) {
 	}
 	console, _ := os.ReadFile(filepath.Join(dir, ConsoleFile))
 	mustContain(t, "console", string(console), "pids.max=100", "burn=2", "READY")
+	checkForkTest(t, filepath.Join(dir, ConsoleFile), 100)
 
 	u, err := b.Usage(ctx, id)
 	if err != nil {
