@@ -64,22 +64,27 @@ func compare(b *testing.B, n int, cycle func(handler string) error) {
 }
 
 // BenchmarkPodCycle: RunPodSandbox → StopPodSandbox → RemovePodSandbox
-// through containerd with the CRI Go client on one connection; with the
-// default durable writes, with fsync = false, and with the state directory
-// on a tmpfs, which leaves what the sandboxer costs without its disk.
+// through containerd with the CRI Go client on one connection.
 func BenchmarkPodCycle(b *testing.B) {
 	for range b.N {
-		b.Run("fsync", func(b *testing.B) { podCycles(b) })
-		b.Run("nofsync", func(b *testing.B) { h.withConfig(b, "fsync = false\n", func() { podCycles(b) }) })
-		b.Run("tmpfs", func(b *testing.B) {
-			dir, err := os.MkdirTemp("/dev/shm", "rss-bench-")
-			if err != nil {
-				b.Skipf("no tmpfs: %v", err)
-			}
-			defer os.RemoveAll(dir)
-			h.withConfig(b, fmt.Sprintf("dir = %q\n", dir), func() { podCycles(b) })
-		})
+		variants(b, podCycles)
 	}
+}
+
+// variants runs fn with the sandboxer's default durable writes, with
+// fsync = false, and with its state directory on a tmpfs, which leaves
+// what the sandboxer costs without its disk.
+func variants(b *testing.B, fn func(b *testing.B)) {
+	b.Run("fsync", fn)
+	b.Run("nofsync", func(b *testing.B) { h.withConfig(b, "fsync = false\n", func() { fn(b) }) })
+	b.Run("tmpfs", func(b *testing.B) {
+		dir, err := os.MkdirTemp("/dev/shm", "rss-bench-")
+		if err != nil {
+			b.Skipf("no tmpfs: %v", err)
+		}
+		defer os.RemoveAll(dir)
+		h.withConfig(b, fmt.Sprintf("dir = %q\n", dir), func() { fn(b) })
+	})
 }
 
 func podCycles(b *testing.B) {
@@ -143,6 +148,12 @@ func BenchmarkControllerDirect(b *testing.B) {
 // BenchmarkContainerCycle: CreateContainer → StartContainer →
 // StopContainer → RemoveContainer in a running pod, through containerd.
 func BenchmarkContainerCycle(b *testing.B) {
+	for range b.N {
+		variants(b, containerCycles)
+	}
+}
+
+func containerCycles(b *testing.B) {
 	ctx := context.Background()
 	pods := map[string]*runtime.PodSandboxConfig{}
 	ids := map[string]string{}
