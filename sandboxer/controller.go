@@ -619,11 +619,10 @@ func (c *Controller) change(ctx context.Context, id string, fn func(*State) erro
 	ri := st.ResourceInfo()
 	ri.UpdatedAt = old.info.UpdatedAt
 	if reflect.DeepEqual(ri, old.info) {
-		// A task's status changed, not the resources. That is runtime
-		// state, which runc and containerd's shims keep on a tmpfs: it
-		// is written atomically, and survives the daemon, but not
-		// synced; no task outlives a power loss.
-		return c.save(sb, st, false)
+		// A task's status changed, not the resources: only persist.
+		// Synced like the rest: an unsynced rename over the synced
+		// state could leave an empty file after a power loss.
+		return c.commit(sb, st)
 	}
 	holds := st.Phase != PhaseStopped
 	if holds {
@@ -694,12 +693,6 @@ type SandboxView struct {
 // the runp that failed, and recovery collects created sandboxes anyway
 // (created_grace). This saves two of a pod's eight syncs.
 func (c *Controller) commit(sb *sandboxEntry, st *State) error {
-	return c.save(sb, st, true)
-}
-
-// save is commit, synced only when durable is set (and the sandbox is
-// past PhaseCreated, and fsync is on).
-func (c *Controller) save(sb *sandboxEntry, st *State, durable bool) error {
 	ri := st.ResourceInfo()
 	write := &ri
 	if old := sb.snap.Load(); old != nil {
@@ -710,7 +703,7 @@ func (c *Controller) save(sb *sandboxEntry, st *State, durable bool) error {
 			ri.UpdatedAt = time.Now().UTC()
 		}
 	}
-	durable = durable && !c.opts.NoSync && st.Phase != PhaseCreated
+	durable := !c.opts.NoSync && st.Phase != PhaseCreated
 	if err := persist(sb.dir, durable, st, write); err != nil {
 		return fmt.Errorf("save sandbox %s: %w", sb.id, err)
 	}

@@ -92,12 +92,13 @@ func (c *Controller) recoverOne(ctx context.Context, id string, rep *RecoverRepo
 		log.G(ctx).WithField("files", removed).Info("removed temp files of an interrupted write")
 	}
 	st, err := loadState(dir, id)
-	if errors.Is(err, os.ErrNotExist) || emptyFile(filepath.Join(dir, StateFile)) {
+	if errors.Is(err, os.ErrNotExist) || (!c.opts.NoSync && emptyFile(filepath.Join(dir, StateFile))) {
 		// Create was interrupted before its commit point, or a power
-		// loss took its unsynced state (durable writes sync the data
-		// before the rename, so only a created sandbox's state can be
-		// empty): the sandbox was never started, so nothing is lost by
-		// removing it.
+		// loss took its unsynced state (every later write syncs the
+		// data before the rename, so only a created sandbox's state can
+		// be empty): the sandbox was never started, so nothing is lost
+		// by removing it. Without fsync any state can be empty after a
+		// power loss, and is quarantined as damaged.
 		log.G(ctx).Info("removing sandbox whose creation did not complete")
 		if err := c.opts.Backend.Delete(ctx, id); err != nil {
 			return fmt.Errorf("delete incomplete sandbox from backend: %w", err)

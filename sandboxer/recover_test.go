@@ -3,6 +3,7 @@ package sandboxer
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -124,6 +125,40 @@ func TestRecoverRepairs(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, 3, rep.Loaded)
 	assert.Empty(t, rep.Quarantined)
+}
+
+// TestRecoverEmptyState: with fsync on, only a created sandbox (whose
+// state is not synced) can be left with an empty state by a power loss, and
+// it is removed as an unfinished runp; with fsync = false any sandbox can,
+// and an empty state is quarantined like any damage.
+func TestRecoverEmptyState(t *testing.T) {
+	for _, tc := range []struct {
+		noSync      bool
+		quarantined bool
+	}{{noSync: false}, {noSync: true, quarantined: true}} {
+		t.Run(fmt.Sprintf("nosync=%v", tc.noSync), func(t *testing.T) {
+			ctx := context.Background()
+			root := t.TempDir()
+			opts := Options{Root: root, Backend: slot.New(), TaskAddress: "ttrpc+unix:///run/test-task.sock", CreatedGrace: time.Hour, NoSync: tc.noSync}
+			c, err := New(opts)
+			require.NoError(t, err)
+			require.NoError(t, create(ctx, c, "sb", nil))
+			require.NoError(t, os.WriteFile(filepath.Join(root, "sb", StateFile), nil, 0o600))
+
+			c2, err := New(opts)
+			require.NoError(t, err)
+			rep, err := c2.Recover(ctx)
+			require.NoError(t, err)
+			assert.Zero(t, rep.Loaded)
+			if tc.quarantined {
+				assert.Equal(t, []string{"sb"}, rep.Quarantined)
+			} else {
+				assert.Empty(t, rep.Quarantined)
+			}
+			_, err = os.Stat(filepath.Join(root, "sb"))
+			assert.True(t, os.IsNotExist(err))
+		})
+	}
 }
 
 func TestRecoverSandboxThatNoLongerRuns(t *testing.T) {
