@@ -92,7 +92,7 @@ func (c *Controller) recoverOne(ctx context.Context, id string, rep *RecoverRepo
 		log.G(ctx).WithField("files", removed).Info("removed temp files of an interrupted write")
 	}
 	st, err := loadState(dir, id)
-	if errors.Is(err, os.ErrNotExist) || (!c.opts.NoSync && emptyFile(filepath.Join(dir, StateFile))) {
+	if errors.Is(err, os.ErrNotExist) || (err != nil && !c.opts.NoSync && emptyFile(filepath.Join(dir, StateFile))) {
 		// Create was interrupted before its commit point, or a power
 		// loss took its unsynced state (every later write syncs the
 		// data before the rename, so only a created sandbox's state can
