@@ -2,10 +2,11 @@ package daemon
 
 import (
 	"context"
-	"time"
 
 	"github.com/containerd/log"
 	sd "github.com/coreos/go-systemd/v22/daemon"
+
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/periodic"
 )
 
 // notify sends a state to systemd; without NOTIFY_SOCKET it does nothing.
@@ -25,14 +26,5 @@ func watchdog(ctx context.Context) {
 	if err != nil || interval <= 0 {
 		return
 	}
-	t := time.NewTicker(interval / 2)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			notify(ctx, sd.SdNotifyWatchdog)
-		}
-	}
+	periodic.Run(ctx, interval/2, func() { notify(ctx, sd.SdNotifyWatchdog) })
 }

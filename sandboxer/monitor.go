@@ -8,6 +8,7 @@ import (
 
 	"github.com/containerd/log"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/periodic"
 	"github.com/kuasar-io/resource-slot-sandboxer/internal/statefile"
 	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
 )
@@ -23,15 +24,8 @@ func (c *Controller) RunMonitor(ctx context.Context, interval time.Duration) {
 	if interval <= 0 {
 		return
 	}
-	t := time.NewTicker(interval)
-	defer t.Stop()
 	last := map[string][]string{}
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	periodic.Run(ctx, interval, func() {
 		seen := map[string]bool{}
 		for _, v := range c.List() {
 			if v.State.Phase != PhaseReady {
@@ -60,7 +54,7 @@ func (c *Controller) RunMonitor(ctx context.Context, interval time.Duration) {
 				delete(last, id)
 			}
 		}
-	}
+	})
 }
 
 // writeUsage replaces usage.json; it is derived and rewritten each sample,

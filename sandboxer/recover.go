@@ -12,6 +12,7 @@ import (
 
 	"github.com/containerd/log"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/periodic"
 	"github.com/kuasar-io/resource-slot-sandboxer/internal/statefile"
 )
 
@@ -220,14 +221,5 @@ func (c *Controller) RunCollector(ctx context.Context) {
 		return
 	}
 	interval := min(max(c.opts.CreatedGrace/2, time.Second), time.Minute)
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			c.CollectCreated(ctx)
-		}
-	}
+	periodic.Run(ctx, interval, func() { c.CollectCreated(ctx) })
 }
