@@ -6,8 +6,10 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"time"
 
@@ -115,23 +117,43 @@ func Load(path string) (Config, error) {
 	return cfg, nil
 }
 
-// durationStrings has the Duration keys of Config as strings. go-toml
-// stores a TOML integer in a Duration as nanoseconds ("stop_timeout = 10"
-// would be 10ns) and refuses a float or a bool without its line; decoded
-// into a string, each is a type mismatch with its position.
-type durationStrings struct {
-	StopTimeout       string `toml:"stop_timeout"`
-	ShimOrphanTimeout string `toml:"shim_orphan_timeout"`
-	CreatedGrace      string `toml:"created_grace"`
-	UsageInterval     string `toml:"usage_interval"`
+// go-toml stores a TOML integer in a Duration as nanoseconds
+// ("stop_timeout = 10" would be 10ns) and refuses a float or a bool without
+// its line. Decode therefore first decodes into durationShadow, Config's
+// layout with every Duration a string, where each of those is a type
+// mismatch with its position; durationKeys are the dotted keys of the
+// Durations, wherever they are in Config.
+var durationShadow, durationKeys = shadowDurations(reflect.TypeFor[Config](), "")
+
+func shadowDurations(t reflect.Type, prefix string) (reflect.Type, map[string]bool) {
+	keys := map[string]bool{}
+	var fields []reflect.StructField
+	for i := range t.NumField() {
+		f := t.Field(i)
+		name, _, _ := strings.Cut(f.Tag.Get("toml"), ",")
+		if !f.IsExported() || name == "" || name == "-" {
+			continue
+		}
+		switch {
+		case f.Type == reflect.TypeFor[Duration]():
+			keys[prefix+name] = true
+			fields = append(fields, reflect.StructField{Name: f.Name, Type: reflect.TypeFor[string](), Tag: f.Tag})
+		case f.Type.Kind() == reflect.Struct:
+			sub, subKeys := shadowDurations(f.Type, prefix+name+".")
+			if len(subKeys) > 0 {
+				maps.Copy(keys, subKeys)
+				fields = append(fields, reflect.StructField{Name: f.Name, Type: sub, Tag: f.Tag})
+			}
+		}
+	}
+	return reflect.StructOf(fields), keys
 }
 
 // Decode decodes TOML strictly into cfg (which holds the defaults).
 func Decode(data []byte, cfg *Config) error {
 	var de *toml.DecodeError
-	if err := toml.NewDecoder(bytes.NewReader(data)).Decode(&durationStrings{}); errors.As(err, &de) && len(de.Key()) == 1 {
-		switch key := de.Key()[0]; key {
-		case "stop_timeout", "shim_orphan_timeout", "created_grace", "usage_interval":
+	if err := toml.NewDecoder(bytes.NewReader(data)).Decode(reflect.New(durationShadow).Interface()); errors.As(err, &de) {
+		if key := strings.Join(de.Key(), "."); durationKeys[key] {
 			row, col := de.Position()
 			return fmt.Errorf("line %d, column %d: %s must be a duration string such as \"10s\"", row, col, key)
 		}

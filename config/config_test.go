@@ -231,6 +231,11 @@ func TestDecodeErrors(t *testing.T) {
 			want: []string{"line 1", "shim_orphan_timeout"},
 		},
 		{
+			desc: "bare integer duration in a table",
+			toml: "[vm]\nready_timeout = 90\n",
+			want: []string{"line 2", "vm.ready_timeout", "duration string"},
+		},
+		{
 			desc: "float duration",
 			toml: "stop_timeout = 1.5\n",
 			want: []string{"line 1", "stop_timeout"},
