@@ -316,13 +316,6 @@ func TestNames(t *testing.T) {
 	}
 }
 
-func eqPtr[T comparable](a, b *T) bool {
-	if a == nil || b == nil {
-		return a == b
-	}
-	return *a == *b
-}
-
 func deref[T any](p *T) any {
 	if p == nil {
 		return "nil"

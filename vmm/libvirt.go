@@ -656,13 +656,13 @@ func (b *Backend) Update(ctx context.Context, id string, info resourceinfo.Resou
 		b.shape(ctx, sb, info)
 		var notes []string
 		r, o := info.Resources, sb.info.Resources
-		if !eqInt(r.PidLimit, o.PidLimit) {
+		if !eqPtr(r.PidLimit, o.PidLimit) {
 			notes = append(notes, fmt.Sprintf("pid_limit: unenforced: changed to %s while running; the guest applies it at the next start", fmtInt(r.PidLimit)))
 		}
-		if !eqStr(r.CPUSetCPUs, o.CPUSetCPUs) {
+		if !eqPtr(r.CPUSetCPUs, o.CPUSetCPUs) {
 			notes = append(notes, "cpuset_cpus: unenforced: changed while running; pinning applies at the next start")
 		}
-		if !eqInt(r.StorageLimit, o.StorageLimit) {
+		if !eqPtr(r.StorageLimit, o.StorageLimit) {
 			notes = append(notes, "storage_limit: unenforced: the disk keeps its size until the sandbox is recreated")
 		}
 		b.mu.Lock()
@@ -1162,14 +1162,8 @@ func nonNeg(v int64) *uint64 {
 	return ptr(uint64(v))
 }
 
-func eqInt(a, b *int64) bool {
-	if a == nil || b == nil {
-		return a == b
-	}
-	return *a == *b
-}
-
-func eqStr(a, b *string) bool {
+// eqPtr reports whether two optional values are both unset or equal.
+func eqPtr[T comparable](a, b *T) bool {
 	if a == nil || b == nil {
 		return a == b
 	}
