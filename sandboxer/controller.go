@@ -326,18 +326,29 @@ func (c *Controller) stopLocked(ctx context.Context, sb *sandboxEntry, timeout t
 			return fmt.Errorf("%s backend: stop sandbox %s: %w", c.Mode(), sb.id, err)
 		}
 	}
-	st := cur.clone()
-	now := c.opts.Now().UTC()
-	st.Phase, st.ExitedAt, st.ExitStatus, st.Pid = PhaseStopped, &now, code, 0
-	st.Ledger.close(sb.snap.Load().info.Allocation(), now, false)
-	stopTasks(st, now)
+	if err := c.markStopped(sb, code, c.opts.Now()); err != nil {
+		return err
+	}
+	log.G(ctx).WithField("exit_status", code).Info("sandbox stopped")
+	return nil
+}
+
+// markStopped records that a sandbox stopped at the given time with the
+// given exit status: its tasks end, its allocation is released and its
+// waiters return. The caller holds the sandbox's operation lock.
+func (c *Controller) markStopped(sb *sandboxEntry, code uint32, at time.Time) error {
+	snap := sb.snap.Load()
+	st := snap.state.clone()
+	at = at.UTC()
+	st.Phase, st.ExitedAt, st.ExitStatus, st.Pid = PhaseStopped, &at, code, 0
+	st.Ledger.close(snap.info.Allocation(), at, false)
+	stopTasks(st, at)
 	if err := c.commit(sb, st); err != nil {
 		return err
 	}
 	c.opts.Admitter.Release(sb.id)
 	sb.closeOnce.Do(func() { close(sb.exited) })
 	c.notifyTasks(sb.id)
-	log.G(ctx).WithField("exit_status", code).Info("sandbox stopped")
 	return nil
 }
 
@@ -371,18 +382,10 @@ func (c *Controller) exitFunc(sb *sandboxEntry) ExitFunc {
 			if sb.gone || sb.snap.Load().state.Phase != PhaseReady {
 				return
 			}
-			st := sb.snap.Load().state.clone()
-			at = at.UTC()
-			st.Phase, st.ExitedAt, st.ExitStatus, st.Pid = PhaseStopped, &at, code, 0
-			st.Ledger.close(sb.snap.Load().info.Allocation(), at, false)
-			stopTasks(st, at)
-			if err := c.commit(sb, st); err != nil {
+			if err := c.markStopped(sb, code, at); err != nil {
 				log.G(ctx).WithError(err).Error("record sandbox exit")
 				return
 			}
-			c.opts.Admitter.Release(sb.id)
-			sb.closeOnce.Do(func() { close(sb.exited) })
-			c.notifyTasks(sb.id)
 			log.G(ctx).WithField("exit_status", code).Warn("sandbox exited unexpectedly")
 		}()
 	}
