@@ -4,7 +4,7 @@ BIN      := bin
 PREFIX   ?= /usr/local
 GOTEST   ?= $(GO) test
 
-.PHONY: all build test unit e2e deps vm-deps guest lint fuzz bench demo install clean
+.PHONY: all build test unit e2e deps vm-deps guest lint fuzz bench demo install clean proto
 
 all: build
 
@@ -25,6 +25,17 @@ vm-deps:
 
 guest: vm-deps
 	scripts/build-guest.sh $(GUEST_DIR)
+
+# proto regenerates the guest agent's API (agent/api) from agent.proto; the
+# generated files are committed, so only a change of the .proto needs it.
+PROTOC_GEN_GO_VERSION := v1.36.12
+PROTOC_GEN_TTRPC_VERSION := v1.2.9
+proto:
+	command -v protoc >/dev/null || apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev
+	GOBIN=$$($(GO) env GOPATH)/bin $(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+	GOBIN=$$($(GO) env GOPATH)/bin $(GO) install github.com/containerd/ttrpc/cmd/protoc-gen-go-ttrpc@$(PROTOC_GEN_TTRPC_VERSION)
+	cd agent/api && PATH="$$PATH:$$($(GO) env GOPATH)/bin" protoc -I. -I/usr/include \
+	  --go_out=paths=source_relative:. --go-ttrpc_out=paths=source_relative:. agent.proto
 
 STATICCHECK_VERSION := v0.8.2
 STATICCHECK := $(shell $(GO) env GOPATH)/bin/staticcheck

@@ -26,4 +26,7 @@ type Usage struct {
 	Violations []string `json:"violations,omitempty"`
 	// Unenforced lists limits the backend could not enforce, with the reason.
 	Unenforced []string `json:"unenforced,omitempty"`
+	// Containers is each container's own usage, by container ID, where
+	// the backend measures (or simulates) it per container.
+	Containers map[string]Usage `json:"containers,omitempty"`
 }
