@@ -26,18 +26,18 @@ import (
 	"syscall"
 	"time"
 
-	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	apitypes "github.com/containerd/containerd/api/types"
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
 	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/opencontainers/runtime-spec/specs-go/features"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/kuasar-io/resource-slot-sandboxer/internal/unixsock"
-	"github.com/kuasar-io/resource-slot-sandboxer/sandboxer"
+	"github.com/kuasar-io/resource-slot-sandboxer/taskproxy"
 )
 
 func main() {
@@ -53,7 +53,7 @@ func main() {
 			return
 		case "delete":
 			// Nothing runs under this binary: report an exited task.
-			data, err := proto.Marshal(&taskAPI.DeleteResponse{ExitedAt: timestamppb.Now(), ExitStatus: 128 + 9})
+			data, err := deleteResponse(time.Now())
 			if err != nil {
 				fmt.Fprintln(os.Stderr, err)
 				os.Exit(1)
@@ -76,6 +76,22 @@ func main() {
 	}
 	fmt.Fprintln(os.Stderr, "containerd-shim-resource-slot-v1: resource-slot-sandboxer starts this shim itself; containerd reaches it through the sandboxer (runtime sandboxer = \"resource-slot\")")
 	os.Exit(1)
+}
+
+// deleteResponse encodes containerd's task API DeleteResponse of a task
+// killed (exit status 137) at t. Encoded by hand: the task API's Go
+// package brings all of gRPC into this binary for one message.
+func deleteResponse(t time.Time) ([]byte, error) {
+	ts, err := proto.Marshal(timestamppb.New(t))
+	if err != nil {
+		return nil, err
+	}
+	var b []byte
+	// DeleteResponse: exit_status = 2, exited_at = 3.
+	b = protowire.AppendTag(b, 2, protowire.VarintType)
+	b = protowire.AppendVarint(b, 128+9)
+	b = protowire.AppendTag(b, 3, protowire.BytesType)
+	return protowire.AppendBytes(b, ts), nil
 }
 
 // writeInfo prints the shim's RuntimeInfo (protobuf) as containerd's
@@ -139,7 +155,7 @@ func serve(args []string) error {
 	if err != nil {
 		return err
 	}
-	proxy := sandboxer.NewTaskProxy(*upstream)
+	proxy := taskproxy.New(*upstream)
 	defer proxy.Close()
 	proxy.Register(srv)
 	errc := make(chan error, 1)

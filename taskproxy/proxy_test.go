@@ -1,8 +1,10 @@
-package sandboxer
+package taskproxy
 
 import (
 	"context"
+	"encoding/json"
 	"net"
+	"os"
 	"path/filepath"
 	"syscall"
 	"testing"
@@ -10,61 +12,99 @@ import (
 
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/containerd/api/types/task"
+	"github.com/containerd/containerd/v2/core/sandbox"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/ttrpc"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/sandboxer"
 	"github.com/kuasar-io/resource-slot-sandboxer/slot"
 )
 
+func ns(ctx context.Context) context.Context { return namespaces.WithNamespace(ctx, "k8s.io") }
+
+// daemon is one instance of the sandboxer's controller and task server
+// on a unix socket, over a state directory.
+type daemon struct {
+	ctrl *sandboxer.Controller
+	stop func()
+}
+
 // upstream runs a controller and its task server on sock, as one daemon
-// instance; stop ends it the way a restart does.
-func upstream(t *testing.T, root, sock string) (c *Controller, stop func()) {
+// instance; stop ends it the way a graceful stop does.
+func upstream(t *testing.T, root, sock string) *daemon {
 	t.Helper()
 	ctx := context.Background()
-	c = newController(t, root, slot.New())
-	_, err := c.Recover(ctx)
+	c, err := sandboxer.New(sandboxer.Options{Root: root, Backend: slot.New(), TaskAddress: "ttrpc+unix:///run/test-task.sock", CreatedGrace: time.Hour})
 	require.NoError(t, err)
-	tasks := NewTasks(ctx, c, nil)
-	ts, err := NewTaskServer(tasks)
+	_, err = c.Recover(ctx)
+	require.NoError(t, err)
+	tasks := sandboxer.NewTasks(ctx, c, nil)
+	ts, err := sandboxer.NewTaskServer(tasks)
 	require.NoError(t, err)
 	l, err := net.Listen("unix", sock)
 	require.NoError(t, err)
 	go ts.Serve(ctx, l)
-	return c, func() {
+	return &daemon{ctrl: c, stop: func() {
 		c.BeginShutdown()
 		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		defer cancel()
 		ts.Stop(sctx)
 		tasks.Close()
-	}
+	}}
+}
+
+func (d *daemon) readySandbox(t *testing.T, id string) {
+	t.Helper()
+	ctx := context.Background()
+	require.NoError(t, d.ctrl.Create(ctx, sandbox.Sandbox{ID: id}))
+	_, err := d.ctrl.Start(ctx, id)
+	require.NoError(t, err)
+}
+
+// bundle writes a container bundle in sandboxID.
+func bundle(t *testing.T, sandboxID string) string {
+	t.Helper()
+	dir := t.TempDir()
+	data, err := json.Marshal(&specs.Spec{Version: specs.Version, Annotations: map[string]string{"io.kubernetes.cri.sandbox-id": sandboxID}})
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "config.json"), data, 0o600))
+	return dir
+}
+
+// front serves p on a socket and returns a task API client of it, as
+// containerd holds one.
+func front(t *testing.T, p *Proxy) taskAPI.TTRPCTaskService {
+	t.Helper()
+	srv, err := ttrpc.NewServer()
+	require.NoError(t, err)
+	p.Register(srv)
+	sock := filepath.Join(t.TempDir(), "front.sock")
+	l, err := net.Listen("unix", sock)
+	require.NoError(t, err)
+	go srv.Serve(context.Background(), l)
+	t.Cleanup(func() { srv.Close(); p.Close() })
+	conn, err := net.Dial("unix", sock)
+	require.NoError(t, err)
+	tc := ttrpc.NewClient(conn)
+	t.Cleanup(func() { tc.Close() })
+	return taskAPI.NewTTRPCTaskClient(tc)
 }
 
 // TestProxyOutlivesDaemon restarts the daemon behind the proxy while a
 // containerd-like client waits on a task through one proxy connection.
 func TestProxyOutlivesDaemon(t *testing.T) {
 	ctx := ns(context.Background())
-	root, dir := t.TempDir(), t.TempDir()
-	up := filepath.Join(dir, "up.sock")
-	c, stop := upstream(t, root, up)
-	readySandbox(t, &taskEnv{ctrl: c}, "sb")
+	root := t.TempDir()
+	up := filepath.Join(t.TempDir(), "up.sock")
+	d := upstream(t, root, up)
+	d.readySandbox(t, "sb")
+	p := New(up)
+	client := front(t, p)
 
-	srv, err := ttrpc.NewServer()
-	require.NoError(t, err)
-	p := NewTaskProxy(up)
-	p.Register(srv)
-	front := filepath.Join(dir, "front.sock")
-	l, err := net.Listen("unix", front)
-	require.NoError(t, err)
-	go srv.Serve(ctx, l)
-	t.Cleanup(func() { srv.Close(); p.Close() })
-	conn, err := net.Dial("unix", front)
-	require.NoError(t, err)
-	tc := ttrpc.NewClient(conn)
-	t.Cleanup(func() { tc.Close() })
-	client := taskAPI.NewTTRPCTaskClient(tc)
-
-	_, err = client.Create(ctx, &taskAPI.CreateTaskRequest{ID: "c", Bundle: bundle(t, "sb", nil, nil)})
+	_, err := client.Create(ctx, &taskAPI.CreateTaskRequest{ID: "c", Bundle: bundle(t, "sb")})
 	require.NoError(t, err)
 	_, err = client.Start(ctx, &taskAPI.StartRequest{ID: "c"})
 	require.NoError(t, err)
@@ -78,7 +118,7 @@ func TestProxyOutlivesDaemon(t *testing.T) {
 
 	// The daemon goes away: calls that cannot reach it fail only when
 	// their deadline passes; the pending Wait keeps waiting.
-	stop()
+	d.stop()
 	sctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
 	_, err = client.State(sctx, &taskAPI.StateRequest{ID: "c"})
 	cancel()
@@ -87,8 +127,8 @@ func TestProxyOutlivesDaemon(t *testing.T) {
 
 	// A new daemon on the same state: the same client connection sees the
 	// task running, and the Wait ends when it is killed.
-	_, stop2 := upstream(t, root, up)
-	t.Cleanup(stop2)
+	d2 := upstream(t, root, up)
+	t.Cleanup(d2.stop)
 	st, err := client.State(ctx, &taskAPI.StateRequest{ID: "c"})
 	require.NoError(t, err)
 	assert.Equal(t, task.Status_RUNNING, st.Status)
@@ -115,18 +155,18 @@ func TestProxyOutlivesDaemon(t *testing.T) {
 // failing on the connection to the old one.
 func TestProxyDropsDeadConnection(t *testing.T) {
 	ctx := ns(context.Background())
-	root, dir := t.TempDir(), t.TempDir()
-	up := filepath.Join(dir, "up.sock")
-	c, stop := upstream(t, root, up)
-	readySandbox(t, &taskEnv{ctrl: c}, "sb")
-	p := NewTaskProxy(up)
-	t.Cleanup(p.Close)
-	_, err := p.Create(ctx, &taskAPI.CreateTaskRequest{ID: "before", Bundle: bundle(t, "sb", nil, nil)})
+	root := t.TempDir()
+	up := filepath.Join(t.TempDir(), "up.sock")
+	d := upstream(t, root, up)
+	d.readySandbox(t, "sb")
+	p := New(up)
+	client := front(t, p)
+	_, err := client.Create(ctx, &taskAPI.CreateTaskRequest{ID: "before", Bundle: bundle(t, "sb")})
 	require.NoError(t, err)
 
-	stop()
-	_, stop2 := upstream(t, root, up)
-	t.Cleanup(stop2)
+	d.stop()
+	d2 := upstream(t, root, up)
+	t.Cleanup(d2.stop)
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		p.mu.Lock()
@@ -138,6 +178,6 @@ func TestProxyDropsDeadConnection(t *testing.T) {
 		require.True(t, time.Now().Before(deadline), "the dead connection was not dropped")
 		time.Sleep(10 * time.Millisecond)
 	}
-	_, err = p.Create(ctx, &taskAPI.CreateTaskRequest{ID: "after", Bundle: bundle(t, "sb", nil, nil)})
+	_, err = client.Create(ctx, &taskAPI.CreateTaskRequest{ID: "after", Bundle: bundle(t, "sb")})
 	require.NoError(t, err)
 }
