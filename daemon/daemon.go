@@ -105,7 +105,13 @@ func Run(ctx context.Context, cfg config.Config, ready func()) error {
 	criService.Register(srv)
 	errc := make(chan error, 2)
 	go func() { errc <- srv.Serve(lis) }()
-	go func() { errc <- taskServer.Serve(ctx, taskLis) }()
+	// Not ctx: the ttrpc server derives its calls' contexts from the one
+	// it serves with, and the signal that ends ctx must not cancel them.
+	// A Wait cancelled so would reach containerd, through the task shim,
+	// as the end of its container (exit status 255, and containerd kills
+	// it); the graceful stop below ends the Waits with Unavailable, which
+	// the shim sends again to the next instance.
+	go func() { errc <- taskServer.Serve(context.WithoutCancel(ctx), taskLis) }()
 	if err := ensureShim(ctx, cfg); err != nil {
 		srv.Stop()
 		taskServer.Stop(ctx)

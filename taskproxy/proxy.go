@@ -167,9 +167,17 @@ const waitRetry = 100 * time.Millisecond
 
 // forward sends one call upstream. A call that could not be sent is
 // retried until ctx (containerd's) ends; one whose connection broke after
-// it was sent is sent again only if idempotent. The sandboxer ends Wait
-// calls with Unavailable when it shuts down: they are sent again to the
-// next instance.
+// it was sent is sent again only if idempotent.
+//
+// A sandboxer that ends a call without answering it has not answered:
+// that must never reach containerd as the call's result. It ends Wait
+// calls with Unavailable when it shuts down, and a call it cancels ends
+// with Canceled or DeadlineExceeded while containerd's ctx is still live.
+// containerd takes a failed Wait for the end of the container (it reports
+// it exited with status 255 and kills it), so Wait is sent again until the
+// sandboxer answers it. Another idempotent call cancelled upstream is sent
+// again; one that cannot be re-sent fails with Unavailable, which says to
+// retry it.
 func (p *Proxy) forward(ctx context.Context, method string, idempotent bool, req *emptypb.Empty) (*emptypb.Empty, error) {
 	backoff := 50 * time.Millisecond
 	for {
@@ -185,9 +193,14 @@ func (p *Proxy) forward(ctx context.Context, method string, idempotent bool, req
 				if !idempotent {
 					return nil, errgrpc.ToGRPCf(errdefs.ErrUnavailable, "resource-slot-sandboxer went away during the call; retry it")
 				}
-			case method == "Wait" && ctx.Err() == nil && status.Code(err) == codes.Unavailable:
+			case ctx.Err() == nil && unanswered(method, err):
+				if !idempotent {
+					return nil, errgrpc.ToGRPCf(errdefs.ErrUnavailable, "resource-slot-sandboxer ended the call without an answer (%v); retry it", status.Convert(err).Message())
+				}
+				log.G(ctx).WithError(err).WithField("method", method).Debug("sandboxer ended the call without an answer; sending it again")
 				backoff = waitRetry
 			default:
+				// The sandboxer's answer, or containerd's own deadline.
 				return nil, err
 			}
 		} else {
@@ -200,4 +213,18 @@ func (p *Proxy) forward(ctx context.Context, method string, idempotent bool, req
 		}
 		backoff = min(backoff*2, maxRetryBackoff)
 	}
+}
+
+// unanswered reports whether an upstream error is the sandboxer ending a
+// call rather than answering it: Canceled or DeadlineExceeded (the caller
+// checks that containerd's ctx is live), and for Wait Unavailable, with
+// which the sandboxer ends Waits when it shuts down.
+func unanswered(method string, err error) bool {
+	switch status.Code(err) {
+	case codes.Canceled, codes.DeadlineExceeded:
+		return true
+	case codes.Unavailable:
+		return method == "Wait"
+	}
+	return false
 }

@@ -14,10 +14,13 @@ import (
 	"github.com/containerd/containerd/api/types/task"
 	"github.com/containerd/containerd/v2/core/sandbox"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/ttrpc"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/kuasar-io/resource-slot-sandboxer/sandboxer"
 	"github.com/kuasar-io/resource-slot-sandboxer/slot"
@@ -180,4 +183,100 @@ func TestProxyDropsDeadConnection(t *testing.T) {
 	}
 	_, err = client.Create(ctx, &taskAPI.CreateTaskRequest{ID: "after", Bundle: bundle(t, "sb")})
 	require.NoError(t, err)
+}
+
+// fakeUpstream answers every task call with what answer returns, and
+// counts the calls per method.
+type fakeUpstream struct {
+	calls  chan string
+	answer func(method string, n int) error
+}
+
+func (f *fakeUpstream) serve(t *testing.T, sock string) {
+	t.Helper()
+	srv, err := ttrpc.NewServer()
+	require.NoError(t, err)
+	desc := &ttrpc.ServiceDesc{Methods: map[string]ttrpc.Method{}}
+	counts := map[string]int{}
+	for name := range methods {
+		desc.Methods[name] = func(_ context.Context, unmarshal func(any) error) (any, error) {
+			var req emptypb.Empty
+			if err := unmarshal(&req); err != nil {
+				return nil, err
+			}
+			counts[name]++
+			f.calls <- name
+			if err := f.answer(name, counts[name]); err != nil {
+				return nil, err
+			}
+			return &emptypb.Empty{}, nil
+		}
+	}
+	srv.RegisterService(Service, desc)
+	l, err := net.Listen("unix", sock)
+	require.NoError(t, err)
+	go srv.Serve(context.Background(), l)
+	t.Cleanup(func() { srv.Close() })
+}
+
+// TestProxyUnansweredCalls: a call the sandboxer ends without answering
+// it (its graceful stop ends Waits with Unavailable; a cancelled handler
+// ends with Canceled) never reaches containerd as the call's result: a
+// Wait is sent again, a call that cannot be re-sent is Unavailable.
+func TestProxyUnansweredCalls(t *testing.T) {
+	ctx := ns(context.Background())
+	up := filepath.Join(t.TempDir(), "up.sock")
+	f := &fakeUpstream{calls: make(chan string, 100), answer: func(method string, n int) error {
+		switch {
+		case method == "Wait" && n == 1:
+			return errgrpc.ToGRPC(errdefs.ErrUnavailable)
+		case method == "Wait" && n == 2:
+			return errgrpc.ToGRPC(context.Canceled)
+		case method == "State" && n == 1:
+			return errgrpc.ToGRPC(context.DeadlineExceeded)
+		case method == "State" && n == 2:
+			return errgrpc.ToGRPC(errdefs.ErrUnavailable)
+		case method == "Start":
+			return errgrpc.ToGRPC(context.Canceled)
+		case method == "Kill":
+			return errgrpc.ToGRPCf(errdefs.ErrNotFound, "no such task")
+		}
+		return nil
+	}}
+	f.serve(t, up)
+	client := front(t, New(up))
+
+	_, err := client.Wait(ctx, &taskAPI.WaitRequest{ID: "c"})
+	require.NoError(t, err, "the Wait is sent until the sandboxer answers it")
+	assert.Equal(t, []string{"Wait", "Wait", "Wait"}, drain(f.calls))
+
+	_, err = client.State(ctx, &taskAPI.StateRequest{ID: "c"})
+	assert.True(t, errdefs.IsUnavailable(errgrpc.ToNative(err)), "State: only a cancelled one is sent again; Unavailable is an answer: %v", err)
+	assert.Equal(t, []string{"State", "State"}, drain(f.calls))
+
+	_, err = client.Start(ctx, &taskAPI.StartRequest{ID: "c"})
+	assert.True(t, errdefs.IsUnavailable(errgrpc.ToNative(err)), "a cancelled Start is not sent again: %v", err)
+	assert.Equal(t, []string{"Start"}, drain(f.calls))
+
+	_, err = client.Kill(ctx, &taskAPI.KillRequest{ID: "c"})
+	assert.True(t, errdefs.IsNotFound(errgrpc.ToNative(err)), "the sandboxer's answers pass: %v", err)
+
+	// containerd's own deadline ends a Wait: that is its result.
+	f.answer = func(string, int) error { return errgrpc.ToGRPC(errdefs.ErrUnavailable) }
+	wctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancel()
+	_, err = client.Wait(wctx, &taskAPI.WaitRequest{ID: "c"})
+	assert.Error(t, err)
+}
+
+func drain(ch chan string) []string {
+	var out []string
+	for {
+		select {
+		case m := <-ch:
+			out = append(out, m)
+		default:
+			return out
+		}
+	}
 }
