@@ -2,6 +2,7 @@ package sandboxer
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -167,7 +168,11 @@ func (s *Service) Update(ctx context.Context, req *api.ControllerUpdateRequest) 
 // Errors that carry no errdefs class are internal.
 func toGRPC(ctx context.Context, method string, err error) error {
 	l := log.G(ctx).WithError(err).WithField("method", method)
-	if errdefs.IsNotFound(err) {
+	if errdefs.IsUnavailable(err) && errors.Is(err, errShuttingDown) {
+		// Every pending Wait ends so on a graceful stop: containerd's
+		// proxy calls it again on the next instance.
+		l.Debug("sandbox call ended by the shutdown")
+	} else if errdefs.IsNotFound(err) {
 		// containerd asks for the status and metrics of sandboxes it has
 		// just removed: routine, not worth an info line per pod.
 		l.Debug("sandbox call refused")
