@@ -112,7 +112,7 @@ func Run(ctx context.Context, cfg config.Config, ready func()) error {
 	// it); the graceful stop below ends the Waits with Unavailable, which
 	// the shim sends again to the next instance.
 	go func() { errc <- taskServer.Serve(context.WithoutCancel(ctx), taskLis) }()
-	if err := ensureShim(ctx, cfg); err != nil {
+	if err := startShim(ctx, cfg); err != nil {
 		srv.Stop()
 		taskServer.Stop(ctx)
 		return err
@@ -156,6 +156,10 @@ func Run(ctx context.Context, cfg config.Config, ready func()) error {
 	}
 	return nil
 }
+
+// startShim is ensureShim; the daemon's own tests, which drive the task
+// server directly, replace it.
+var startShim = ensureShim
 
 // ensureShim starts the task shim unless one already serves the task
 // socket (started by a previous run of the daemon, and holding

@@ -15,6 +15,8 @@ import (
 	"github.com/kuasar-io/resource-slot-sandboxer/capacity"
 	"github.com/kuasar-io/resource-slot-sandboxer/config"
 	"github.com/kuasar-io/resource-slot-sandboxer/cost"
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/guard"
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/guard/grpcguard"
 	"github.com/kuasar-io/resource-slot-sandboxer/internal/httpserve"
 	"github.com/kuasar-io/resource-slot-sandboxer/internal/unixsock"
 	"github.com/kuasar-io/resource-slot-sandboxer/metrics"
@@ -58,20 +60,24 @@ func (o *ops) attach(ctrl *sandboxer.Controller) {
 	}
 }
 
-// grpcOptions time the calls of the gRPC server when metrics are on.
+// grpcOptions time the calls of the gRPC server when metrics are on, and
+// recover each call's panic (innermost, so that the metrics see the
+// Internal error it becomes).
 func (o *ops) grpcOptions() []grpc.ServerOption {
-	if o.metrics == nil {
-		return nil
+	var opts []grpc.ServerOption
+	if o.metrics != nil {
+		opts = o.metrics.GRPCServerOptions()
 	}
-	return o.metrics.GRPCServerOptions()
+	return append(opts, grpcguard.GRPCServerOptions()...)
 }
 
-// ttrpcOptions time the calls of the task server when metrics are on.
+// ttrpcOptions are the same for the task server.
 func (o *ops) ttrpcOptions() []ttrpc.ServerOpt {
-	if o.metrics == nil {
-		return nil
+	var opts []ttrpc.ServerOpt
+	if o.metrics != nil {
+		opts = o.metrics.TTRPCServerOptions()
 	}
-	return o.metrics.TTRPCServerOptions()
+	return append(opts, guard.TTRPCServerOptions()...)
 }
 
 // start listens on the admin socket and the metrics address and serves

@@ -14,6 +14,7 @@ import (
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 )
@@ -41,10 +42,8 @@ func withSandbox(ctx context.Context, id string) context.Context {
 
 func (s *Service) Create(ctx context.Context, req *api.ControllerCreateRequest) (*api.ControllerCreateResponse, error) {
 	ctx = withSandbox(ctx, req.GetSandboxID())
-	var info sandbox.Sandbox
-	if req.GetSandbox() != nil {
-		info = sandbox.FromProto(req.GetSandbox())
-	}
+	// Only the ID is needed; a request without the sandbox is one.
+	info := fromProto(req.GetSandbox())
 	info.ID = req.GetSandboxID()
 	opts := []sandbox.CreateOpt{
 		sandbox.WithRootFS(mount.FromProto(req.GetRootfs())),
@@ -158,10 +157,24 @@ func (s *Service) Update(ctx context.Context, req *api.ControllerUpdateRequest) 
 	if req.GetSandbox() == nil {
 		return nil, toGRPC(ctx, "update", fmt.Errorf("%w: update without a sandbox", errdefs.ErrInvalidArgument))
 	}
-	if err := s.ctrl.Update(ctx, req.GetSandboxID(), sandbox.FromProto(req.GetSandbox()), req.GetFields()...); err != nil {
+	if err := s.ctrl.Update(ctx, req.GetSandboxID(), fromProto(req.GetSandbox()), req.GetFields()...); err != nil {
 		return nil, toGRPC(ctx, "update", err)
 	}
 	return &api.ControllerUpdateResponse{}, nil
+}
+
+// fromProto is sandbox.FromProto for any message from outside: that one
+// dereferences the runtime, which a caller can leave out (and a nil
+// sandbox is an empty one).
+func fromProto(pb *types.Sandbox) sandbox.Sandbox {
+	if pb == nil {
+		return sandbox.Sandbox{}
+	}
+	if pb.GetRuntime() == nil {
+		pb = proto.CloneOf(pb)
+		pb.Runtime = &types.Sandbox_Runtime{}
+	}
+	return sandbox.FromProto(pb)
 }
 
 // toGRPC logs a failed call and converts its error to a gRPC status.

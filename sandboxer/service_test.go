@@ -8,6 +8,7 @@ import (
 	"time"
 
 	api "github.com/containerd/containerd/api/services/sandbox/v1"
+	"github.com/containerd/containerd/api/types"
 	"github.com/containerd/containerd/v2/core/sandbox"
 	"github.com/containerd/containerd/v2/core/sandbox/proxy"
 	"github.com/containerd/errdefs"
@@ -116,4 +117,43 @@ func TestServiceRejectsUpdateWithoutSandbox(t *testing.T) {
 	assert.Equal(t, codes.InvalidArgument, status.Code(err))
 	_, err = client.Wait(context.Background(), &api.ControllerWaitRequest{SandboxID: "../x"})
 	assert.Equal(t, codes.InvalidArgument, status.Code(err))
+}
+
+// TestServiceMessagesWithoutRuntime: a sandbox without its runtime in
+// Create or Update (sandbox.FromProto dereferences it) is a sandbox
+// without runtime options, not a crash of the daemon.
+func TestServiceMessagesWithoutRuntime(t *testing.T) {
+	ctx := context.Background()
+	c := newController(t, t.TempDir(), slot.New())
+	client := api.NewControllerClient(serve(t, c))
+	for _, tc := range []struct {
+		desc string
+		call func() error
+		code codes.Code
+	}{
+		{"create, sandbox without runtime", func() error {
+			_, err := client.Create(ctx, &api.ControllerCreateRequest{SandboxID: "sb1", Sandbox: &types.Sandbox{SandboxID: "sb1"}})
+			return err
+		}, codes.OK},
+		{"create, no sandbox", func() error {
+			_, err := client.Create(ctx, &api.ControllerCreateRequest{SandboxID: "sb2"})
+			return err
+		}, codes.OK},
+		{"update, sandbox without runtime", func() error {
+			_, err := client.Update(ctx, &api.ControllerUpdateRequest{SandboxID: "sb1", Sandbox: &types.Sandbox{SandboxID: "sb1"}})
+			return err
+		}, codes.OK},
+		{"update of an unknown sandbox without runtime", func() error {
+			_, err := client.Update(ctx, &api.ControllerUpdateRequest{SandboxID: "nope", Sandbox: &types.Sandbox{}})
+			return err
+		}, codes.NotFound},
+		{"update, no sandbox", func() error {
+			_, err := client.Update(ctx, &api.ControllerUpdateRequest{SandboxID: "sb1"})
+			return err
+		}, codes.InvalidArgument},
+	} {
+		t.Run(tc.desc, func(t *testing.T) {
+			assert.Equal(t, tc.code, status.Code(tc.call()))
+		})
+	}
 }

@@ -335,7 +335,7 @@ func readSpec(bundle string) (*specs.Spec, error) {
 	}
 	f, err := os.Open(filepath.Join(bundle, "config.json"))
 	if err != nil {
-		if os.IsNotExist(err) {
+		if os.IsNotExist(err) || errors.Is(err, syscall.ENOTDIR) || errors.Is(err, syscall.ENAMETOOLONG) || errors.Is(err, syscall.ELOOP) {
 			return nil, fmt.Errorf("%w: bundle %s has no config.json", errdefs.ErrInvalidArgument, bundle)
 		}
 		return nil, err

@@ -36,6 +36,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/guard"
 	"github.com/kuasar-io/resource-slot-sandboxer/internal/unixsock"
 	"github.com/kuasar-io/resource-slot-sandboxer/taskproxy"
 )
@@ -151,7 +152,7 @@ func serve(args []string) error {
 		return err
 	}
 	defer os.Remove(*socket)
-	srv, err := ttrpc.NewServer(ttrpc.WithServerHandshaker(ttrpc.UnixSocketRequireSameUser()))
+	srv, err := ttrpc.NewServer(append([]ttrpc.ServerOpt{ttrpc.WithServerHandshaker(ttrpc.UnixSocketRequireSameUser())}, guard.TTRPCServerOptions()...)...)
 	if err != nil {
 		return err
 	}
