@@ -10,9 +10,9 @@ import (
 
 // FilterEvents wraps the publisher of task events (to containerd) so that
 // the events of the containers of this service are dropped: containerd
-// does not know these containers and nothing there wants their events,
-// and publishing to a containerd that is not running takes seconds per
-// event, inside the CRI call. p may be nil.
+// does not know these containers and nothing there wants their events
+// (they would only fill the publisher's queue when no containerd runs).
+// p may be nil.
 func FilterEvents(p sandboxer.Publisher) sandboxer.Publisher {
 	if p == nil {
 		return nil

@@ -19,6 +19,7 @@ import (
 
 	"github.com/kuasar-io/resource-slot-sandboxer/config"
 	"github.com/kuasar-io/resource-slot-sandboxer/cri"
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/publisher"
 	"github.com/kuasar-io/resource-slot-sandboxer/internal/unixsock"
 	"github.com/kuasar-io/resource-slot-sandboxer/sandboxer"
 )
@@ -63,11 +64,11 @@ func Run(ctx context.Context, cfg config.Config, ready func()) error {
 		return fmt.Errorf("recover sandboxes: %w", err)
 	}
 	cleanupOrphans(ctx, backend, ctrl)
+	// Task events are queued and forwarded by one goroutine: no call
+	// waits for containerd (restarting, or at a wrong address).
 	var events sandboxer.Publisher
 	if cfg.ContainerdAddress != "" {
-		if events, err = sandboxer.NewEventPublisher(cfg.ContainerdAddress); err != nil {
-			return err
-		}
+		events = publisher.New(cfg.ContainerdAddress, publisher.Options{})
 	}
 	tasks := sandboxer.NewTasks(ctx, ctrl, cri.FilterEvents(events))
 	defer tasks.Close()

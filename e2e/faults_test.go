@@ -8,7 +8,9 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -172,3 +174,107 @@ func (x *harness) logSince(t *testing.T, offset int64) string {
 	require.NoError(t, err)
 	return string(data[offset:])
 }
+
+// timed runs fn with a deadline it is not expected to come near, and
+// returns how long it took (for the log: tests do not time things).
+func timed(t *testing.T, what string, fn func(ctx context.Context) error) time.Duration {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	start := time.Now()
+	err := fn(ctx)
+	d := time.Since(start)
+	require.NoError(t, err, "%s (after %s)", what, d.Round(time.Millisecond))
+	return d
+}
+
+// TestUnreachableEvents: with containerd's events socket unreachable (a
+// wrong containerd_address: nothing there, or a socket that accepts and
+// never answers, as a hung or restarting containerd), the pod and
+// container calls through containerd and a graceful stop complete: no
+// call waits for the delivery of its events. The address is logged once.
+func TestUnreachableEvents(t *testing.T) {
+	for _, tc := range []struct {
+		desc   string
+		listen bool
+	}{{"nothing at the address", false}, {"a socket that never answers", true}} {
+		t.Run(tc.desc, func(t *testing.T) {
+			addr := filepath.Join(h.base, "no-events.sock")
+			if tc.listen {
+				l, err := net.Listen("unix", addr)
+				require.NoError(t, err)
+				defer l.Close()
+				var conns []net.Conn
+				defer func() {
+					for _, c := range conns {
+						c.Close()
+					}
+				}()
+				go func() {
+					for {
+						c, err := l.Accept()
+						if err != nil {
+							return
+						}
+						conns = append(conns, c) // held, never read
+					}
+				}()
+			}
+			logStart := h.logSize(t)
+			h.withConfig(t, fmt.Sprintf("containerd_address = %q\n", addr), func() {
+				h.waitContainerdReconnects(t)
+				pod := podConfig("events-"+strings.ReplaceAll(tc.desc, " ", "-"), nil, nil)
+				pod.LogDirectory = t.TempDir()
+				var podID string
+				runp := timed(t, "RunPodSandbox", func(ctx context.Context) error {
+					r, err := h.cri.RunPodSandbox(ctx, &runtime.RunPodSandboxRequest{Config: pod, RuntimeHandler: "resource-slot"})
+					if err == nil {
+						podID = r.PodSandboxId
+					}
+					return err
+				})
+				var ids []string
+				var create, start time.Duration
+				for i := range 3 {
+					create += timed(t, "CreateContainer", func(ctx context.Context) error {
+						c, err := h.cri.CreateContainer(ctx, &runtime.CreateContainerRequest{PodSandboxId: podID, Config: containerConfig(fmt.Sprintf("c%d", i), nil, nil), SandboxConfig: pod})
+						if err == nil {
+							ids = append(ids, c.ContainerId)
+						}
+						return err
+					})
+					start += timed(t, "StartContainer", func(ctx context.Context) error {
+						_, err := h.cri.StartContainer(ctx, &runtime.StartContainerRequest{ContainerId: ids[i]})
+						return err
+					})
+				}
+				stop := timed(t, "StopContainer", func(ctx context.Context) error {
+					_, err := h.cri.StopContainer(ctx, &runtime.StopContainerRequest{ContainerId: ids[0], Timeout: 10})
+					return err
+				})
+				rm := timed(t, "RemoveContainer", func(ctx context.Context) error {
+					_, err := h.cri.RemoveContainer(ctx, &runtime.RemoveContainerRequest{ContainerId: ids[0]})
+					return err
+				})
+				stopp := timed(t, "StopPodSandbox with 2 containers", func(ctx context.Context) error {
+					_, err := h.cri.StopPodSandbox(ctx, &runtime.StopPodSandboxRequest{PodSandboxId: podID})
+					return err
+				})
+				timed(t, "RemovePodSandbox", func(ctx context.Context) error {
+					_, err := h.cri.RemovePodSandbox(ctx, &runtime.RemovePodSandboxRequest{PodSandboxId: podID})
+					return err
+				})
+				begin := time.Now()
+				require.NoError(t, h.stopSandboxer(syscall.SIGTERM))
+				t.Logf("events unreachable (%s): RunPodSandbox %s, CreateContainer %s, StartContainer %s (mean of 3), StopContainer %s, RemoveContainer %s, StopPodSandbox %s, SIGTERM to exit %s",
+					tc.desc, ms(runp), ms(create/3), ms(start/3), ms(stop), ms(rm), ms(stopp), ms(time.Since(begin)))
+			})
+			logs := h.logSince(t, logStart)
+			assert.Equal(t, 1, strings.Count(logs, "cannot forward task events"), "the address is logged once:\n%s", logs)
+			assert.Contains(t, logs, addr)
+			h.waitContainerdReconnects(t)
+		})
+	}
+}
+
+func ms(d time.Duration) string { return d.Round(time.Millisecond).String() }
