@@ -216,9 +216,10 @@ type Containers interface {
 	// ResizePty resizes a process's terminal.
 	ResizePty(ctx context.Context, p Process, width, height uint32) error
 	// Recover re-attaches to a recorded container (and its exec
-	// processes) after a daemon restart. An exit that happened while the
-	// daemon was down is reported to Events, with its status, before or
-	// after Recover returns.
+	// processes) after a daemon restart, whatever its status: a stopped
+	// one is still deleted later. An exit that happened while the daemon
+	// was down is reported to Events, with its status, before or after
+	// Recover returns.
 	Recover(ctx context.Context, c *Container) error
 }
 

@@ -96,8 +96,8 @@ func (r *taskRun) process(execID string) backend.Process {
 }
 
 // NewTasks rebuilds the tasks of the controller's (recovered) sandboxes
-// and re-attaches the backend to the processes that had not ended. events
-// may be nil.
+// and re-attaches the backend to every recorded container. events may be
+// nil.
 func NewTasks(ctx context.Context, ctrl *Controller, events Publisher) *Tasks {
 	t := &Tasks{ctrl: ctrl, events: events, runs: map[TaskKey]*taskRun{}}
 	t.rt = ctrl.opts.Backend.Containers(taskEvents{t})
@@ -122,9 +122,8 @@ func NewTasks(ctx context.Context, ctrl *Controller, events Publisher) *Tasks {
 				r.procs[eid] = p
 				execs[eid] = execOf(e)
 			}
-			if rec.Status == TaskStopped {
-				continue
-			}
+			// Stopped ones too: the backend may still hold what a
+			// Delete releases (mounts, the guest's record).
 			c := containerOf(r, rec, ctr.Resources, v.State.Annotations)
 			c.Execs = execs
 			recover = append(recover, c)
