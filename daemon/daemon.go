@@ -19,6 +19,7 @@ import (
 
 	"github.com/kuasar-io/resource-slot-sandboxer/config"
 	"github.com/kuasar-io/resource-slot-sandboxer/cri"
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/dirlock"
 	"github.com/kuasar-io/resource-slot-sandboxer/internal/publisher"
 	"github.com/kuasar-io/resource-slot-sandboxer/internal/unixsock"
 	"github.com/kuasar-io/resource-slot-sandboxer/sandboxer"
@@ -37,6 +38,13 @@ func Run(ctx context.Context, cfg config.Config, ready func()) error {
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
+	// First: a second daemon on this directory must not touch it (nor
+	// the backend's resources of its sandboxes).
+	lock, err := dirlock.Acquire(cfg.Dir)
+	if err != nil {
+		return err
+	}
+	defer lock.Release()
 	backend, err := newBackend(ctx, cfg)
 	if err != nil {
 		return err

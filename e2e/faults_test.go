@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -278,3 +279,24 @@ func TestUnreachableEvents(t *testing.T) {
 }
 
 func ms(d time.Duration) string { return d.Round(time.Millisecond).String() }
+
+// TestSecondDaemon: a second daemon on the state directory of the
+// running one refuses to start with a clear error and changes nothing;
+// the first serves on.
+func TestSecondDaemon(t *testing.T) {
+	id := h.runp(t, podConfig("second-daemon", nil, nil))
+	defer h.removePod(t, id)
+	base := t.TempDir()
+	cfg := filepath.Join(base, "second.toml")
+	require.NoError(t, os.WriteFile(cfg, []byte(fmt.Sprintf("listen = %q\ndir = %q\n", filepath.Join(base, "second.sock"), h.StateDir())), 0o600))
+	out, err := exec.Command(filepath.Join(h.bin, "resource-slot-sandboxer"), "--config", cfg).CombinedOutput()
+	require.Error(t, err, "%s", out)
+	assert.Contains(t, string(out), "state directory in use")
+	assert.Contains(t, string(out), h.StateDir())
+	assert.Contains(t, string(out), fmt.Sprintf("pid %d", h.sandboxer.Process.Pid))
+	_, err = os.Stat(filepath.Join(base, "second.sock"))
+	assert.True(t, os.IsNotExist(err))
+	assert.Equal(t, "SANDBOX_READY", h.podState(t, id))
+	_, err = os.Stat(filepath.Join(h.StateDir(), id))
+	assert.NoError(t, err, "the pod's state is untouched")
+}
