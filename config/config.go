@@ -61,6 +61,10 @@ type Config struct {
 	// AdminSocket is the unix socket of the admin API (slotctl); default:
 	// the listen path with "-admin.sock" for ".sock".
 	AdminSocket string `toml:"admin_socket"`
+	// AllowSharedSocketDir accepts socket directories (listen, task,
+	// admin) that users other than root may write to: they could rename a
+	// socket away and listen in its place. Refused by default.
+	AllowSharedSocketDir bool `toml:"allow_shared_socket_dir"`
 	// Capacity is the node capacity and the admission policy ([capacity]).
 	Capacity Capacity `toml:"capacity"`
 	// Cost holds the prices of cost estimation ([cost]).

@@ -45,6 +45,9 @@ func Run(ctx context.Context, cfg config.Config, ready func()) error {
 		return err
 	}
 	defer lock.Release()
+	if err := checkSocketDirs(cfg); err != nil {
+		return err
+	}
 	backend, err := newBackend(ctx, cfg)
 	if err != nil {
 		return err
@@ -96,18 +99,19 @@ func Run(ctx context.Context, cfg config.Config, ready func()) error {
 		return err
 	}
 	defer stopOps()
-	lis, err := unixsock.Listen(cfg.Listen)
+	// Each listener removes its socket when it closes, if the path still
+	// names the socket it created (never one put there by another).
+	sockOpts := unixsock.Options{AllowSharedDir: cfg.AllowSharedSocketDir}
+	lis, err := unixsock.ListenOptions(cfg.Listen, sockOpts)
 	if err != nil {
 		return err
 	}
-	defer os.Remove(cfg.Listen)
-	upstream := cfg.TaskUpstreamPath()
-	taskLis, err := unixsock.Listen(upstream)
+	defer lis.Close()
+	taskLis, err := unixsock.ListenOptions(cfg.TaskUpstreamPath(), sockOpts)
 	if err != nil {
-		lis.Close()
 		return err
 	}
-	defer os.Remove(upstream)
+	defer taskLis.Close()
 
 	srv := grpc.NewServer(ops.grpcOptions()...)
 	sandboxer.NewService(ctrl).Register(srv)
@@ -166,6 +170,24 @@ func Run(ctx context.Context, cfg config.Config, ready func()) error {
 	return nil
 }
 
+// checkSocketDirs refuses, before anything is done, socket directories
+// in which another user could take a socket's place (unixsock.CheckDir).
+func checkSocketDirs(cfg config.Config) error {
+	if cfg.AllowSharedSocketDir {
+		return nil
+	}
+	for _, p := range []string{cfg.Listen, cfg.TaskSocketPath(), cfg.TaskUpstreamPath(), cfg.AdminSocketPath()} {
+		dir := filepath.Dir(p)
+		if err := os.MkdirAll(dir, 0o711); err != nil {
+			return err
+		}
+		if err := unixsock.CheckDir(dir); err != nil {
+			return fmt.Errorf("socket %s: %w", p, err)
+		}
+	}
+	return nil
+}
+
 // startShim is ensureShim; the daemon's own tests, which drive the task
 // server directly, replace it.
 var startShim = ensureShim
@@ -188,8 +210,12 @@ func ensureShim(ctx context.Context, cfg config.Config) error {
 		return err
 	}
 	defer logf.Close()
-	cmd := exec.Command(bin, "serve", "--socket", sock, "--upstream", cfg.TaskUpstreamPath(),
-		"--orphan-timeout", time.Duration(cfg.ShimOrphanTimeout).String(), "--log-level", cfg.LogLevel)
+	args := []string{"serve", "--socket", sock, "--upstream", cfg.TaskUpstreamPath(),
+		"--orphan-timeout", time.Duration(cfg.ShimOrphanTimeout).String(), "--log-level", cfg.LogLevel}
+	if cfg.AllowSharedSocketDir {
+		args = append(args, "--allow-shared-socket-dir")
+	}
+	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Its own session: the shim must outlive the daemon, as containerd's
 	// shims outlive containerd.

@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -10,7 +11,10 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/config"
 	"github.com/kuasar-io/resource-slot-sandboxer/internal/dirlock"
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/testenv"
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/unixsock"
 )
 
 // TestSecondDaemonRefused: a second daemon on the state directory of a
@@ -33,4 +37,80 @@ func TestSecondDaemonRefused(t *testing.T) {
 	after, err := os.ReadDir(cfg.Dir)
 	require.NoError(t, err)
 	assert.Equal(t, len(before), len(after))
+}
+
+// runDaemon runs the daemon in this process until the returned stop is
+// called; stop returns Run's error.
+func runDaemon(t *testing.T, cfg config.Config) (stop func() error) {
+	t.Helper()
+	startShim = func(context.Context, config.Config) error { return nil }
+	t.Cleanup(func() { startShim = ensureShim })
+	ctx, cancel := context.WithCancel(context.Background())
+	ready := make(chan struct{})
+	done := make(chan error, 1)
+	go func() { done <- Run(ctx, cfg, func() { close(ready) }) }()
+	select {
+	case <-ready:
+	case err := <-done:
+		cancel()
+		t.Fatalf("daemon: %v", err)
+	}
+	return func() error {
+		cancel()
+		return <-done
+	}
+}
+
+func testConfig(t *testing.T, sockDir string) config.Config {
+	t.Helper()
+	cfg := config.Default()
+	cfg.Listen = filepath.Join(sockDir, "sb.sock")
+	cfg.Dir = filepath.Join(t.TempDir(), "state")
+	cfg.ContainerdAddress = ""
+	cfg.Fsync = false
+	return cfg
+}
+
+// TestHostileSocketDirectory: a listen socket in a directory that another
+// user may write to is refused (that user could rename the socket away
+// and listen in its place), unless allow_shared_socket_dir says so.
+func TestHostileSocketDirectory(t *testing.T) {
+	testenv.NeedRoot(t)
+	dir := filepath.Join(t.TempDir(), "shared")
+	require.NoError(t, os.Mkdir(dir, 0o777))
+	require.NoError(t, os.Chmod(dir, 0o777))
+	require.NoError(t, os.Chown(dir, 65534, 65534))
+	cfg := testConfig(t, dir)
+	err := Run(context.Background(), cfg, func() { t.Error("served in a hostile directory") })
+	require.Error(t, err)
+	assert.True(t, errors.Is(err, unixsock.ErrSharedDir), "%v", err)
+	entries, _ := os.ReadDir(dir)
+	assert.Empty(t, entries, "no socket created")
+
+	cfg.AllowSharedSocketDir = true
+	require.NoError(t, runDaemon(t, cfg)())
+}
+
+// TestStopRemovesOnlyItsSockets: on a graceful stop the daemon removes
+// its sockets, and not a socket another process put in the place of one.
+func TestStopRemovesOnlyItsSockets(t *testing.T) {
+	dir, err := os.MkdirTemp("", "rss-sock-")
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	cfg := testConfig(t, dir)
+	stop := runDaemon(t, cfg)
+	// An impostor renames the listen socket away and listens in its
+	// place.
+	require.NoError(t, os.Rename(cfg.Listen, filepath.Join(dir, "moved.sock")))
+	impostor, err := net.Listen("unix", cfg.Listen)
+	require.NoError(t, err)
+	impostor.(*net.UnixListener).SetUnlinkOnClose(false)
+	defer impostor.Close()
+	require.NoError(t, stop())
+	_, err = os.Lstat(cfg.Listen)
+	assert.NoError(t, err, "the impostor's socket is left")
+	for _, p := range []string{cfg.TaskUpstreamPath(), cfg.AdminSocketPath()} {
+		_, err := os.Lstat(p)
+		assert.True(t, os.IsNotExist(err), "%s is removed", p)
+	}
 }

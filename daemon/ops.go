@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"os"
 	"sync"
 
 	"github.com/containerd/log"
@@ -84,7 +83,7 @@ func (o *ops) ttrpcOptions() []ttrpc.ServerOpt {
 // them until stop is called.
 func (o *ops) start(ctx context.Context) (stop func(), err error) {
 	sock := o.cfg.AdminSocketPath()
-	adminLis, err := unixsock.Listen(sock)
+	adminLis, err := unixsock.ListenOptions(sock, unixsock.Options{AllowSharedDir: o.cfg.AllowSharedSocketDir})
 	if err != nil {
 		return nil, fmt.Errorf("admin socket: %w", err)
 	}
@@ -92,7 +91,6 @@ func (o *ops) start(ctx context.Context) (stop func(), err error) {
 	if o.metrics != nil {
 		if metricsLis, err = net.Listen("tcp", o.cfg.MetricsAddress); err != nil {
 			adminLis.Close()
-			os.Remove(sock)
 			return nil, fmt.Errorf("metrics_address: %w", err)
 		}
 	}
@@ -121,6 +119,7 @@ func (o *ops) start(ctx context.Context) (stop func(), err error) {
 	return func() {
 		cancel()
 		wg.Wait()
-		os.Remove(sock)
+		// Removes the socket if it is still the one created.
+		adminLis.Close()
 	}, nil
 }

@@ -300,3 +300,62 @@ func TestSecondDaemon(t *testing.T) {
 	_, err = os.Stat(filepath.Join(h.StateDir(), id))
 	assert.NoError(t, err, "the pod's state is untouched")
 }
+
+// TestHostileSocketDirectory: the daemon refuses to listen in a directory
+// another user may write to (who could rename its socket away and listen
+// in its place), and a graceful stop does not remove a socket another
+// process put in the place of one of its own.
+func TestHostileSocketDirectory(t *testing.T) {
+	base := t.TempDir()
+	shared := filepath.Join(base, "shared")
+	require.NoError(t, os.Mkdir(shared, 0o777))
+	require.NoError(t, os.Chmod(shared, 0o777))
+	require.NoError(t, os.Chown(shared, 65534, 65534))
+	cfg := filepath.Join(base, "hostile.toml")
+	require.NoError(t, os.WriteFile(cfg, []byte(fmt.Sprintf("listen = %q\ndir = %q\ncontainerd_address = \"\"\n", filepath.Join(shared, "sb.sock"), filepath.Join(base, "state"))), 0o600))
+	out, err := exec.Command(filepath.Join(h.bin, "resource-slot-sandboxer"), "--config", cfg).CombinedOutput()
+	require.Error(t, err, "%s", out)
+	assert.Contains(t, string(out), "owned by uid 65534")
+	assert.Contains(t, string(out), "allow_shared_socket_dir")
+	assert.NotContains(t, string(out), "sandboxes recovered", "refused before anything is done")
+	entries, _ := os.ReadDir(shared)
+	assert.Empty(t, entries)
+
+	// A daemon of its own, in a private directory; an impostor renames
+	// its listen socket away and listens in its place before SIGTERM.
+	private := filepath.Join(base, "private")
+	listen := filepath.Join(private, "sb.sock")
+	require.NoError(t, os.WriteFile(cfg, []byte(fmt.Sprintf("listen = %q\ndir = %q\ncontainerd_address = \"\"\n", listen, filepath.Join(base, "state"))), 0o600))
+	logPath := filepath.Join(base, "daemon.log")
+	cmd, err := startDaemon(h.bin, cfg, logPath, listen, filepath.Join(private, "sb-task.sock"))
+	require.NoError(t, err)
+	defer killShimOf(t, logPath)
+	require.NoError(t, os.Rename(listen, filepath.Join(private, "moved.sock")))
+	impostor, err := net.Listen("unix", listen)
+	require.NoError(t, err)
+	impostor.(*net.UnixListener).SetUnlinkOnClose(false)
+	defer impostor.Close()
+	require.NoError(t, stopDaemon(cmd, syscall.SIGTERM))
+	_, err = os.Lstat(listen)
+	assert.NoError(t, err, "the impostor's socket is left")
+	_, err = os.Lstat(filepath.Join(private, "sb-admin.sock"))
+	assert.True(t, os.IsNotExist(err), "the daemon's own sockets are removed")
+}
+
+// killShimOf ends the task shim a daemon logged it started.
+func killShimOf(t *testing.T, logPath string) {
+	data, _ := os.ReadFile(logPath)
+	for _, line := range strings.Split(string(data), "\n") {
+		if !strings.Contains(line, "started the task shim") {
+			continue
+		}
+		for _, f := range strings.Fields(line) {
+			if pid, ok := strings.CutPrefix(f, "pid="); ok {
+				var n int
+				if _, err := fmt.Sscan(pid, &n); err == nil && n > 0 {
+					syscall.Kill(n, syscall.SIGKILL)
+				}
+			}
+		}
+	}
+}

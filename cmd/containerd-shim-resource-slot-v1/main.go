@@ -133,6 +133,7 @@ func serve(args []string) error {
 		upstream = fs.String("upstream", "", "the sandboxer's task server socket")
 		orphan   = fs.Duration("orphan-timeout", time.Hour, "exit when the sandboxer has been unreachable this long")
 		level    = fs.String("log-level", "info", "log level")
+		shared   = fs.Bool("allow-shared-socket-dir", false, "accept a socket directory that other users may write to")
 	)
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -147,11 +148,12 @@ func serve(args []string) error {
 	defer stop()
 	signal.Ignore(syscall.SIGPIPE, syscall.SIGHUP)
 
-	l, err := unixsock.Listen(*socket)
+	l, err := unixsock.ListenOptions(*socket, unixsock.Options{AllowSharedDir: *shared})
 	if err != nil {
 		return err
 	}
-	defer os.Remove(*socket)
+	// Removes the socket if it is still the one created.
+	defer l.Close()
 	srv, err := ttrpc.NewServer(append([]ttrpc.ServerOpt{ttrpc.WithServerHandshaker(ttrpc.UnixSocketRequireSameUser())}, guard.TTRPCServerOptions()...)...)
 	if err != nil {
 		return err
