@@ -9,9 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"syscall"
 	"time"
 
 	"github.com/containerd/log"
@@ -27,10 +25,6 @@ import (
 
 // shutdownGrace bounds how long in-flight calls may finish on shutdown.
 const shutdownGrace = 10 * time.Second
-
-// ShimBinary is the task shim: a long-lived proxy in front of the task
-// server, so that containerd's task connections outlive sandboxer restarts.
-const ShimBinary = "containerd-shim-resource-slot-v1"
 
 // Run serves until ctx ends, then stops gracefully. ready, if not nil, is
 // called once every socket is listening.
@@ -125,13 +119,17 @@ func Run(ctx context.Context, cfg config.Config, ready func()) error {
 	// it); the graceful stop below ends the Waits with Unavailable, which
 	// the shim sends again to the next instance.
 	go func() { errc <- taskServer.Serve(context.WithoutCancel(ctx), taskLis) }()
-	if err := startShim(ctx, cfg); err != nil {
-		srv.Stop()
-		taskServer.Stop(ctx)
-		return err
-	}
 	collectCtx, stopCollector := context.WithCancel(ctx)
 	defer stopCollector()
+	if superviseShim {
+		sh := &shim{cfg: cfg, ctrl: ctrl, tasks: tasks}
+		if err := sh.ensure(ctx); err != nil {
+			srv.Stop()
+			taskServer.Stop(ctx)
+			return err
+		}
+		go sh.supervise(collectCtx)
+	}
 	go ctrl.RunCollector(collectCtx)
 	go ctrl.RunMonitor(collectCtx, time.Duration(cfg.UsageInterval))
 
@@ -170,6 +168,10 @@ func Run(ctx context.Context, cfg config.Config, ready func()) error {
 	return nil
 }
 
+// superviseShim is off in the daemon's own tests, which drive the task
+// server directly.
+var superviseShim = true
+
 // checkSocketDirs refuses, before anything is done, socket directories
 // in which another user could take a socket's place (unixsock.CheckDir).
 func checkSocketDirs(cfg config.Config) error {
@@ -186,72 +188,4 @@ func checkSocketDirs(cfg config.Config) error {
 		}
 	}
 	return nil
-}
-
-// startShim is ensureShim; the daemon's own tests, which drive the task
-// server directly, replace it.
-var startShim = ensureShim
-
-// ensureShim starts the task shim unless one already serves the task
-// socket (started by a previous run of the daemon, and holding
-// containerd's connections).
-func ensureShim(ctx context.Context, cfg config.Config) error {
-	sock := cfg.TaskSocketPath()
-	if unixsock.Answers(sock) {
-		log.G(ctx).WithField("task_socket", sock).Info("reusing the running task shim")
-		return nil
-	}
-	bin, err := shimPath()
-	if err != nil {
-		return err
-	}
-	logf, err := os.OpenFile(filepath.Join(cfg.Dir, "shim.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
-	if err != nil {
-		return err
-	}
-	defer logf.Close()
-	args := []string{"serve", "--socket", sock, "--upstream", cfg.TaskUpstreamPath(),
-		"--orphan-timeout", time.Duration(cfg.ShimOrphanTimeout).String(), "--log-level", cfg.LogLevel}
-	if cfg.AllowSharedSocketDir {
-		args = append(args, "--allow-shared-socket-dir")
-	}
-	cmd := exec.Command(bin, args...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	// Its own session: the shim must outlive the daemon, as containerd's
-	// shims outlive containerd.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	cmd.Dir = "/"
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start task shim: %w", err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	deadline := time.After(10 * time.Second)
-	for !unixsock.Answers(sock) {
-		select {
-		case err := <-exited:
-			return fmt.Errorf("task shim %s exited: %v (see %s)", bin, err, logf.Name())
-		case <-deadline:
-			cmd.Process.Kill()
-			return fmt.Errorf("task shim did not listen on %s", sock)
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
-	log.G(ctx).WithFields(log.Fields{"pid": cmd.Process.Pid, "task_socket": sock}).Info("started the task shim")
-	return nil
-}
-
-// shimPath finds the shim next to the daemon's executable, else on PATH.
-func shimPath() (string, error) {
-	if exe, err := os.Executable(); err == nil {
-		p := filepath.Join(filepath.Dir(exe), ShimBinary)
-		if _, err := os.Stat(p); err == nil {
-			return p, nil
-		}
-	}
-	p, err := exec.LookPath(ShimBinary)
-	if err != nil {
-		return "", fmt.Errorf("%s is neither next to the daemon nor on PATH: %w", ShimBinary, err)
-	}
-	return p, nil
 }

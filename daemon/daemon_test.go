@@ -43,8 +43,8 @@ func TestSecondDaemonRefused(t *testing.T) {
 // called; stop returns Run's error.
 func runDaemon(t *testing.T, cfg config.Config) (stop func() error) {
 	t.Helper()
-	startShim = func(context.Context, config.Config) error { return nil }
-	t.Cleanup(func() { startShim = ensureShim })
+	superviseShim = false
+	t.Cleanup(func() { superviseShim = true })
 	ctx, cancel := context.WithCancel(context.Background())
 	ready := make(chan struct{})
 	done := make(chan error, 1)

@@ -45,8 +45,8 @@ import (
 // no events) and returns its configuration; it stops with the test.
 func testDaemon(t *testing.T, extra func(*config.Config)) config.Config {
 	t.Helper()
-	startShim = func(context.Context, config.Config) error { return nil }
-	t.Cleanup(func() { startShim = ensureShim })
+	superviseShim = false
+	t.Cleanup(func() { superviseShim = true })
 	base, err := os.MkdirTemp("", "rss-daemon-")
 	require.NoError(t, err)
 	t.Cleanup(func() { os.RemoveAll(base) })

@@ -64,20 +64,9 @@ func TestRunNotifiesSystemd(t *testing.T) {
 	cfg.MetricsAddress = fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	cfg.Capacity.CPU, cfg.Capacity.Memory, cfg.Capacity.Pids = 2, 1<<30, 100
 	cfg.Capacity.Policy = config.PolicyEnforce
-	// A task shim already serves the task socket: Run reuses it rather
-	// than starting the binary.
-	shim, err := net.Listen("unix", cfg.TaskSocketPath())
-	require.NoError(t, err)
-	defer shim.Close()
-	go func() {
-		for {
-			c, err := shim.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
+	// No task shim: the test drives the daemon's own sockets.
+	superviseShim = false
+	defer func() { superviseShim = true }()
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -22,6 +23,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
 
@@ -358,4 +360,187 @@ func killShimOf(t *testing.T, logPath string) {
 			}
 		}
 	}
+}
+
+// servingPID is the pid of the process that listens on a unix socket.
+func servingPID(sock string) (int, error) {
+	c, err := net.DialTimeout("unix", sock, time.Second)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	raw, err := c.(*net.UnixConn).SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) { cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil {
+		return 0, err
+	}
+	if cerr != nil {
+		return 0, cerr
+	}
+	return int(cred.Pid), nil
+}
+
+// shimPIDs are the task shims serving (or having served) sock.
+func shimPIDs(sock string) []int {
+	entries, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		data, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		args := strings.Split(strings.TrimRight(string(data), "\x00"), "\x00")
+		for i, a := range args {
+			if a == "--socket" && i+1 < len(args) && args[i+1] == sock && strings.HasSuffix(args[0], "containerd-shim-resource-slot-v1") {
+				out = append(out, pid)
+			}
+		}
+	}
+	return out
+}
+
+func alive(pid int) bool {
+	if syscall.Kill(pid, 0) != nil {
+		return false
+	}
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	return err == nil && !strings.Contains(string(data), ") Z ")
+}
+
+// TestDeadShimReplaced: when the task shim dies (SIGKILL), containerd
+// reports its containers exited (255); the daemon starts a new shim, so
+// that containers start again node-wide, and ends and removes those
+// containers as containerd did, instead of counting them as running.
+func TestDeadShimReplaced(t *testing.T) {
+	podID, ids := h.runContainers(t, "dead-shim", 3)
+	logStart := h.logSize(t)
+	old, err := servingPID(h.TaskSock())
+	require.NoError(t, err)
+	require.NoError(t, syscall.Kill(old, syscall.SIGKILL))
+
+	eventually(t, "containerd to report the containers exited", func() bool {
+		for _, s := range h.containerStates(t, ids) {
+			if !strings.HasPrefix(s, "CONTAINER_EXITED") {
+				return false
+			}
+		}
+		return true
+	})
+	t.Logf("containerd: %v", h.containerStates(t, ids))
+	eventually(t, "a new task shim", func() bool {
+		pid, err := servingPID(h.TaskSock())
+		return err == nil && pid != old
+	})
+	eventually(t, "the daemon to drop the dead shim's containers", func() bool {
+		ctrs, _ := h.resourceInfo(t, podID)["containers"].(map[string]any)
+		for _, id := range ids {
+			if _, ok := ctrs[id]; ok {
+				return false
+			}
+		}
+		return true
+	})
+	assert.Contains(t, h.logSince(t, logStart), "ended the containers containerd ran through the task shim that is gone")
+
+	// Containers start again in the same pod.
+	pod := podConfig("dead-shim", nil, nil)
+	pod.LogDirectory = t.TempDir()
+	ctx := context.Background()
+	c, err := h.cri.CreateContainer(ctx, &runtime.CreateContainerRequest{PodSandboxId: podID, Config: containerConfig("after", nil, nil), SandboxConfig: pod})
+	require.NoError(t, err)
+	_, err = h.cri.StartContainer(ctx, &runtime.StartContainerRequest{ContainerId: c.ContainerId})
+	require.NoError(t, err, "StartContainer through the new shim")
+	assert.Equal(t, allRunning([]string{c.ContainerId}), h.containerStates(t, []string{c.ContainerId}))
+	assert.Len(t, shimPIDs(h.TaskSock()), 1, "one shim per task socket")
+}
+
+// TestStoppedShim: a stopped task shim (SIGSTOP) holds containerd's task
+// calls, not the daemon: it serves its own API and restarts (reusing the
+// stopped shim rather than starting a second one); once the shim
+// continues, the containers are as they were.
+func TestStoppedShim(t *testing.T) {
+	podID, ids := h.runContainers(t, "stopped-shim", 2)
+	pid, err := servingPID(h.TaskSock())
+	require.NoError(t, err)
+	logStart := h.logSize(t)
+	require.NoError(t, syscall.Kill(pid, syscall.SIGSTOP))
+	defer syscall.Kill(pid, syscall.SIGCONT)
+
+	other := h.runp(t, podConfig("stopped-shim-other", nil, nil))
+	defer h.removePod(t, other)
+	require.NoError(t, h.stopSandboxer(syscall.SIGTERM))
+	require.NoError(t, h.startSandboxer())
+	assert.Equal(t, "SANDBOX_READY", h.podState(t, other))
+	eventually(t, "the daemon to log the stopped shim", func() bool {
+		return strings.Contains(h.logSince(t, logStart), "the task shim is stopped")
+	})
+	assert.Equal(t, []int{pid}, shimPIDs(h.TaskSock()), "no second shim")
+
+	require.NoError(t, syscall.Kill(pid, syscall.SIGCONT))
+	h.waitContainerdReconnects(t)
+	assert.Equal(t, allRunning(ids), h.containerStates(t, ids))
+	_, err = h.cri.StopContainer(context.Background(), &runtime.StopContainerRequest{ContainerId: ids[0], Timeout: 5})
+	require.NoError(t, err)
+	eventually(t, "the stopped container to exit", func() bool {
+		return h.containerStates(t, ids[:1])[ids[0]] == "CONTAINER_EXITED exit=143"
+	})
+	ctrs, _ := h.resourceInfo(t, podID)["containers"].(map[string]any)
+	assert.Contains(t, ctrs, ids[1], "the other container is still the daemon's")
+}
+
+// TestOrphanShims: a shim whose task socket was removed notices it and
+// exits once containerd holds nothing through it (it must not keep
+// forwarding to the daemon that took over the path), the daemon starts
+// one in its place, and a shim whose daemon is gone for good exits after
+// the orphan timeout: one shim per task socket, none without a daemon.
+func TestOrphanShims(t *testing.T) {
+	base := t.TempDir()
+	sockDir := filepath.Join(base, "run")
+	listen, taskSock := filepath.Join(sockDir, "sb.sock"), filepath.Join(sockDir, "sb-task.sock")
+	cfg := filepath.Join(base, "orphans.toml")
+	require.NoError(t, os.WriteFile(cfg, []byte(fmt.Sprintf("listen = %q\ndir = %q\ncontainerd_address = \"\"\nshim_orphan_timeout = \"3s\"\n", listen, filepath.Join(base, "state"))), 0o600))
+	logPath := filepath.Join(base, "daemon.log")
+	defer func() {
+		for _, pid := range shimPIDs(taskSock) {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}()
+	cmd, err := startDaemon(h.bin, cfg, logPath, listen, taskSock)
+	require.NoError(t, err)
+	defer stopDaemon(cmd, syscall.SIGKILL)
+	first, err := servingPID(taskSock)
+	require.NoError(t, err)
+
+	// Restarts reuse the shim.
+	for range 2 {
+		require.NoError(t, stopDaemon(cmd, syscall.SIGTERM))
+		cmd, err = startDaemon(h.bin, cfg, logPath, listen, taskSock)
+		require.NoError(t, err)
+	}
+	assert.Equal(t, []int{first}, shimPIDs(taskSock), "restarts reuse the one shim")
+
+	// The socket is removed from under the shim.
+	require.NoError(t, os.Remove(taskSock))
+	eventually(t, "a new shim on the task socket", func() bool {
+		pid, err := servingPID(taskSock)
+		return err == nil && pid != first
+	})
+	eventually(t, "the orphaned shim to exit", func() bool { return !alive(first) })
+	pids := shimPIDs(taskSock)
+	require.Len(t, pids, 1, "one shim per task socket")
+
+	// The daemon goes for good: its shim exits after the orphan timeout.
+	require.NoError(t, stopDaemon(cmd, syscall.SIGTERM))
+	eventually(t, "the shim of a daemon gone for good to exit", func() bool { return !alive(pids[0]) })
+	data, _ := os.ReadFile(filepath.Join(base, "state", "shim.log"))
+	assert.Contains(t, string(data), "the task socket was removed or replaced")
+	assert.Contains(t, string(data), "resource-slot-sandboxer is gone; the task shim exits")
 }

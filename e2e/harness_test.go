@@ -344,9 +344,13 @@ func (x *harness) teardown() {
 	x.stopSandboxer(syscall.SIGTERM)
 	stopDaemon(x.vm, syscall.SIGTERM)
 	stopDaemon(x.noop, syscall.SIGTERM)
-	// The task shim outlives the sandboxer by design.
-	exec.Command("pkill", "-f", "serve --socket "+x.TaskSock()).Run()
-	exec.Command("pkill", "-f", "serve --socket "+filepath.Join(x.base, "vm-task.sock")).Run()
+	// The task shim outlives the sandboxer by design: end the shims of
+	// this harness's task sockets, by pid.
+	for _, sock := range []string{x.TaskSock(), filepath.Join(x.base, "vm-task.sock")} {
+		for _, pid := range shimPIDs(sock) {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
 	if os.Getenv("RSS_E2E_KEEP") != "" {
 		x.script("containerd-env.sh", "stop")
 		return

@@ -280,3 +280,36 @@ func drain(ch chan string) []string {
 		}
 	}
 }
+
+// TestConns: the shim's listener counts the open connections, through a
+// ttrpc server with its same-user handshake.
+func TestConns(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	l, err := net.Listen("unix", sock)
+	require.NoError(t, err)
+	conns := CountConns(l)
+	srv, err := ttrpc.NewServer(ttrpc.WithServerHandshaker(SameUser()))
+	require.NoError(t, err)
+	New(filepath.Join(t.TempDir(), "none.sock")).Register(srv)
+	go srv.Serve(context.Background(), conns)
+	defer srv.Close()
+
+	var clients []*ttrpc.Client
+	for range 3 {
+		c, err := net.Dial("unix", sock)
+		require.NoError(t, err)
+		tc := ttrpc.NewClient(c)
+		clients = append(clients, tc)
+		_, err = taskAPI.NewTTRPCTaskClient(tc).Shutdown(ns(context.Background()), &taskAPI.ShutdownRequest{ID: "x"})
+		require.NoError(t, err, "the handshake lets this user in")
+	}
+	assert.Equal(t, int64(3), conns.Open())
+	for _, c := range clients {
+		c.Close()
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for conns.Open() != 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	assert.Equal(t, int64(0), conns.Open(), "closed connections are no longer counted")
+}

@@ -154,7 +154,8 @@ func serve(args []string) error {
 	}
 	// Removes the socket if it is still the one created.
 	defer l.Close()
-	srv, err := ttrpc.NewServer(append([]ttrpc.ServerOpt{ttrpc.WithServerHandshaker(ttrpc.UnixSocketRequireSameUser())}, guard.TTRPCServerOptions()...)...)
+	conns := taskproxy.CountConns(l)
+	srv, err := ttrpc.NewServer(append([]ttrpc.ServerOpt{ttrpc.WithServerHandshaker(taskproxy.SameUser())}, guard.TTRPCServerOptions()...)...)
 	if err != nil {
 		return err
 	}
@@ -162,18 +163,43 @@ func serve(args []string) error {
 	defer proxy.Close()
 	proxy.Register(srv)
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ctx, l) }()
+	go func() { errc <- srv.Serve(ctx, conns) }()
 	log.G(ctx).WithFields(log.Fields{"socket": *socket, "upstream": *upstream, "pid": os.Getpid()}).Info("task shim serving")
 
-	tick := time.NewTicker(min(*orphan/4, 10*time.Second))
+	// Every second: is the socket still ours, and the daemon still there?
+	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
+	var orphaned time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return shutdown(srv)
 		case err := <-errc:
+			if !orphaned.IsZero() {
+				errc = nil // the listener closed below
+				continue
+			}
 			return err
 		case <-tick.C:
+		}
+		if orphaned.IsZero() && !l.Owned() {
+			// The socket was removed or replaced (by a new shim, or a
+			// cleanup): containerd can no longer reach this shim, and a
+			// new daemon's upstream may be at the same path, so the
+			// daemon being reachable says nothing. Serve the connections
+			// containerd holds, then go.
+			orphaned = time.Now()
+			log.G(ctx).WithFields(log.Fields{"socket": *socket, "connections": conns.Open()}).Warn("the task socket was removed or replaced: this shim serves its open connections and exits when they close, or after the orphan timeout")
+			l.Close() // accepts no more; removes nothing that is not its own
+		}
+		switch {
+		case !orphaned.IsZero() && conns.Open() == 0:
+			log.G(ctx).Info("no connection left to the orphaned task shim; it exits")
+			return shutdown(srv)
+		case !orphaned.IsZero() && time.Since(orphaned) > *orphan:
+			log.G(ctx).WithField("connections", conns.Open()).Warn("the orphaned task shim exits after the orphan timeout")
+			return shutdown(srv)
+		case orphaned.IsZero():
 			if d := proxy.Unreachable(); d > *orphan {
 				log.G(ctx).WithField("unreachable_for", d).Warn("resource-slot-sandboxer is gone; the task shim exits")
 				return shutdown(srv)
