@@ -18,6 +18,7 @@ import (
 	"github.com/kuasar-io/resource-slot-sandboxer/admin/api"
 	"github.com/kuasar-io/resource-slot-sandboxer/capacity"
 	"github.com/kuasar-io/resource-slot-sandboxer/cost"
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/logsafe"
 	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
 	"github.com/kuasar-io/resource-slot-sandboxer/sandboxer"
 )
@@ -182,7 +183,7 @@ func (s *server) setResources(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	ctx := log.WithLogger(context.WithoutCancel(r.Context()), log.G(r.Context()).WithFields(log.Fields{"sandbox": id, "via": "admin"}))
+	ctx := log.WithLogger(context.WithoutCancel(r.Context()), log.G(r.Context()).WithFields(log.Fields{"sandbox": logsafe.String(id), "via": "admin"}))
 	ctx, cancel := context.WithTimeout(ctx, updateTimeout)
 	defer cancel()
 	err = s.Controller.UpdateSpec(ctx, id, func(spec *resourceinfo.Spec) error {

@@ -15,6 +15,7 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/logsafe"
 	"github.com/kuasar-io/resource-slot-sandboxer/sandboxer"
 )
 
@@ -167,7 +168,7 @@ func (s *Service) RunPodSandbox(ctx context.Context, req *runtime.RunPodSandboxR
 		return nil, toGRPC(ctx, "RunPodSandbox", err)
 	}
 	created = true
-	log.G(ctx).WithField("name", key.String()).Info("pod sandbox running (direct CRI)")
+	log.G(ctx).WithField("name", logsafe.String(key.String())).Info("pod sandbox running (direct CRI)")
 	return &runtime.RunPodSandboxResponse{PodSandboxId: id}, nil
 }
 

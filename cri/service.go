@@ -17,6 +17,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"hash/fnv"
 	"runtime/debug"
@@ -30,6 +31,7 @@ import (
 	"google.golang.org/grpc"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/logsafe"
 	"github.com/kuasar-io/resource-slot-sandboxer/sandboxer"
 )
 
@@ -153,18 +155,21 @@ func newID() string {
 }
 
 func withSandbox(ctx context.Context, id string) context.Context {
-	return log.WithLogger(ctx, log.G(ctx).WithField("sandbox", id))
+	return log.WithLogger(ctx, log.G(ctx).WithField("sandbox", logsafe.String(id)))
 }
 
 func withContainer(ctx context.Context, id, sandboxID string) context.Context {
-	return log.WithLogger(ctx, log.G(ctx).WithFields(log.Fields{"container": id, "sandbox": sandboxID}))
+	return log.WithLogger(ctx, log.G(ctx).WithFields(log.Fields{"container": logsafe.String(id), "sandbox": logsafe.String(sandboxID)}))
 }
 
 // toGRPC logs a failed call and converts its error to a gRPC status; an
 // error without an errdefs class is Unknown, and logged as a failure.
 func toGRPC(ctx context.Context, method string, err error) error {
-	l := log.G(ctx).WithError(err).WithField("method", method)
+	l := log.G(ctx).WithField("error", logsafe.Error(err)).WithField("method", method)
 	switch {
+	case ctx.Err() != nil && errors.Is(err, ctx.Err()):
+		// The caller gave up: no failure here.
+		l.Debug("cri call ended by its caller")
 	case errdefs.IsNotFound(err), errdefs.IsInvalidArgument(err), errdefs.IsAlreadyExists(err),
 		errdefs.IsFailedPrecondition(err), errdefs.IsResourceExhausted(err), errdefs.IsNotImplemented(err):
 		l.Debug("cri call refused")
@@ -211,7 +216,7 @@ func (c *decodeCache[T]) get(id string, stamp time.Time, raw json.RawMessage) *T
 	}
 	v := new(T)
 	if err := json.Unmarshal(raw, v); err != nil {
-		log.L.WithError(err).WithField("id", id).Warn("cri: undecodable record metadata; showing it without")
+		log.L.WithError(err).WithField("id", logsafe.String(id)).Warn("cri: undecodable record metadata; showing it without")
 		v = nil
 	}
 	c.mu.Lock()

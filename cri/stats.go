@@ -10,6 +10,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/logsafe"
 	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
 	"github.com/kuasar-io/resource-slot-sandboxer/sandboxer"
 )
@@ -25,7 +26,7 @@ func (s *Service) podUsage(ctx context.Context, podID string) map[string]resourc
 	u, _, err := s.ctrl.Usage(ctx, podID)
 	if err != nil {
 		if !errdefs.IsFailedPrecondition(err) && !errdefs.IsNotFound(err) {
-			log.G(ctx).WithError(err).WithField("sandbox", podID).Warn("pod usage")
+			log.G(ctx).WithError(err).WithField("sandbox", logsafe.String(podID)).Warn("pod usage")
 		}
 		return nil
 	}

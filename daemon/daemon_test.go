@@ -6,7 +6,17 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
+
+	taskapi "github.com/containerd/containerd/api/runtime/task/v3"
+	sbapi "github.com/containerd/containerd/api/services/sandbox/v1"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/log"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -113,4 +123,57 @@ func TestStopRemovesOnlyItsSockets(t *testing.T) {
 		_, err := os.Lstat(p)
 		assert.True(t, os.IsNotExist(err), "%s is removed", p)
 	}
+}
+
+// TestHugeIDsNotLogged: calls refused for an ID of megabytes (through the
+// sandbox API, the CRI and the task API) log a few lines of normal size,
+// not the ID, even at debug level.
+func TestHugeIDsNotLogged(t *testing.T) {
+	var buf syncBuffer
+	out := log.L.Logger.Out
+	log.L.Logger.SetOutput(&buf)
+	t.Cleanup(func() { log.L.Logger.SetOutput(out) })
+	cfg := testDaemon(t, func(c *config.Config) { c.LogLevel = "debug" })
+	c := dial(t, cfg)
+	ctx := namespaces.WithNamespace(context.Background(), "k8s.io")
+	huge := strings.Repeat("x", 3<<20)
+
+	ctrl := sbapi.NewControllerClient(c.grpc)
+	_, err := ctrl.Status(ctx, &sbapi.ControllerStatusRequest{SandboxID: huge})
+	assert.Equal(t, codes.InvalidArgument, status.Code(err))
+	_, err = ctrl.Create(ctx, &sbapi.ControllerCreateRequest{SandboxID: huge})
+	assert.Equal(t, codes.InvalidArgument, status.Code(err))
+	cri := runtime.NewRuntimeServiceClient(c.grpc)
+	_, err = cri.PodSandboxStatus(ctx, &runtime.PodSandboxStatusRequest{PodSandboxId: huge})
+	assert.Error(t, err)
+	_, err = cri.ContainerStatus(ctx, &runtime.ContainerStatusRequest{ContainerId: huge})
+	assert.Error(t, err)
+	_, err = cri.StopPodSandbox(ctx, &runtime.StopPodSandboxRequest{PodSandboxId: huge})
+	assert.Equal(t, codes.InvalidArgument, status.Code(err))
+	tasks := taskapi.NewTTRPCTaskClient(c.ttrpc)
+	_, err = tasks.State(ctx, &taskapi.StateRequest{ID: huge})
+	assert.Error(t, err)
+	_, err = tasks.Create(ctx, &taskapi.CreateTaskRequest{ID: huge, Bundle: "/" + huge})
+	assert.Error(t, err)
+
+	logged := buf.String()
+	assert.Less(t, len(logged), 64<<10, "the log of the refused calls: %.2000s", logged)
+	assert.NotContains(t, logged, strings.Repeat("x", 2000))
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

@@ -56,11 +56,13 @@ func testDaemon(t *testing.T, extra func(*config.Config)) config.Config {
 	cfg.ContainerdAddress = ""
 	cfg.Fsync = false
 	cfg.LogLevel = "error"
-	require.NoError(t, log.SetLevel(cfg.LogLevel))
-	t.Cleanup(func() { log.SetLevel("info") })
 	if extra != nil {
 		extra(&cfg)
 	}
+	// Run leaves the level to main.
+	level := log.L.Logger.GetLevel()
+	require.NoError(t, log.SetLevel(cfg.LogLevel))
+	t.Cleanup(func() { log.L.Logger.SetLevel(level) })
 	ctx, cancel := context.WithCancel(context.Background())
 	ready := make(chan struct{})
 	done := make(chan error, 1)

@@ -13,6 +13,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/logsafe"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
@@ -36,8 +37,10 @@ func NewService(ctrl *Controller) *Service { return &Service{ctrl: ctrl} }
 // Register registers the service on a gRPC server.
 func (s *Service) Register(srv *grpc.Server) { api.RegisterControllerServer(srv, s) }
 
+// withSandbox tags the log of a call with its sandbox, as sent (an ID
+// from outside, unchecked yet: cut to a loggable length).
 func withSandbox(ctx context.Context, id string) context.Context {
-	return log.WithLogger(ctx, log.G(ctx).WithField("sandbox", id))
+	return log.WithLogger(ctx, log.G(ctx).WithField("sandbox", logsafe.String(id)))
 }
 
 func (s *Service) Create(ctx context.Context, req *api.ControllerCreateRequest) (*api.ControllerCreateResponse, error) {
@@ -180,8 +183,11 @@ func fromProto(pb *types.Sandbox) sandbox.Sandbox {
 // toGRPC logs a failed call and converts its error to a gRPC status.
 // Errors that carry no errdefs class are internal.
 func toGRPC(ctx context.Context, method string, err error) error {
-	l := log.G(ctx).WithError(err).WithField("method", method)
-	if errdefs.IsUnavailable(err) && errors.Is(err, errShuttingDown) {
+	l := log.G(ctx).WithField("error", logsafe.Error(err)).WithField("method", method)
+	if ctx.Err() != nil && errors.Is(err, ctx.Err()) {
+		// The caller gave up (a Wait it cancelled): no failure here.
+		l.Debug("sandbox call ended by its caller")
+	} else if errdefs.IsUnavailable(err) && errors.Is(err, errShuttingDown) {
 		// Every pending Wait ends so on a graceful stop: containerd's
 		// proxy calls it again on the next instance.
 		l.Debug("sandbox call ended by the shutdown")
