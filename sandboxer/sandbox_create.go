@@ -5,13 +5,16 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"strings"
 
 	"github.com/containerd/containerd/v2/core/sandbox"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/containerd/typeurl/v2"
+	"google.golang.org/protobuf/proto"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/logsafe"
 	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
 )
 
@@ -124,23 +127,33 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 
 // podSandboxConfig decodes the CRI config containerd passes as options. A
 // caller other than CRI may pass nothing, or another type, which is not
-// an error: such a sandbox is sized from its annotations only.
+// an error: such a sandbox is sized from its annotations only. Options
+// that claim to be a PodSandboxConfig, under typeurl's URL
+// ("runtime.v1.PodSandboxConfig") or protobuf's
+// ("type.googleapis.com/runtime.v1.PodSandboxConfig"), must decode: a pod
+// whose limits cannot be read is refused, never created without them.
 func podSandboxConfig(ctx context.Context, opts typeurl.Any) (*runtime.PodSandboxConfig, error) {
 	if opts == nil || opts.GetTypeUrl() == "" {
 		return nil, nil
 	}
-	v, err := typeurl.UnmarshalAny(opts)
-	if err != nil {
-		if typeurl.Is(opts, &runtime.PodSandboxConfig{}) {
+	url := opts.GetTypeUrl()
+	if isPodSandboxConfig(url) {
+		var cfg runtime.PodSandboxConfig
+		if err := proto.Unmarshal(opts.GetValue(), &cfg); err != nil {
 			return nil, fmt.Errorf("%w: malformed PodSandboxConfig in options: %v", errdefs.ErrInvalidArgument, err)
 		}
-		log.G(ctx).WithField("type", opts.GetTypeUrl()).Warn("ignoring sandbox options of unknown type")
+		return &cfg, nil
+	}
+	if _, err := typeurl.UnmarshalAny(opts); err != nil {
+		log.G(ctx).WithField("type", logsafe.String(url)).Warn("ignoring sandbox options of unknown type")
 		return nil, nil
 	}
-	cfg, ok := v.(*runtime.PodSandboxConfig)
-	if !ok {
-		log.G(ctx).WithField("type", opts.GetTypeUrl()).Warn("ignoring sandbox options that are not a PodSandboxConfig")
-		return nil, nil
-	}
-	return cfg, nil
+	log.G(ctx).WithField("type", logsafe.String(url)).Warn("ignoring sandbox options that are not a PodSandboxConfig")
+	return nil, nil
+}
+
+// isPodSandboxConfig reports whether a type URL names a PodSandboxConfig,
+// whatever its prefix.
+func isPodSandboxConfig(url string) bool {
+	return url[strings.LastIndex(url, "/")+1:] == string(proto.MessageName(&runtime.PodSandboxConfig{}))
 }

@@ -2,7 +2,9 @@ package sandboxer
 
 import (
 	"context"
+	"fmt"
 	"net"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -18,6 +20,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
@@ -154,6 +158,45 @@ func TestServiceMessagesWithoutRuntime(t *testing.T) {
 	} {
 		t.Run(tc.desc, func(t *testing.T) {
 			assert.Equal(t, tc.code, status.Code(tc.call()))
+		})
+	}
+}
+
+// TestPodSandboxConfigURLs: a PodSandboxConfig in the options is decoded
+// under either type URL, and a malformed one is refused under either
+// (not ignored, which created the pod without its limits); options of
+// another type are ignored.
+func TestPodSandboxConfigURLs(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	c := newController(t, root, slot.New())
+	client := api.NewControllerClient(serve(t, c))
+	good, err := proto.Marshal(podConfig(map[string]string{resourceinfo.AnnotationCPULimit: "3"}, nil))
+	require.NoError(t, err)
+	garbage := []byte{0xff, 0xff, 0xff}
+	for i, tc := range []struct {
+		url   string
+		value []byte
+		code  codes.Code
+		cpu   any
+	}{
+		{"runtime.v1.PodSandboxConfig", good, codes.OK, 3.0},
+		{"type.googleapis.com/runtime.v1.PodSandboxConfig", good, codes.OK, 3.0},
+		{"runtime.v1.PodSandboxConfig", garbage, codes.InvalidArgument, nil},
+		{"type.googleapis.com/runtime.v1.PodSandboxConfig", garbage, codes.InvalidArgument, nil},
+		{"type.googleapis.com/google.protobuf.Empty", nil, codes.OK, nil},
+		{"example.com/unknown.Type", garbage, codes.OK, nil},
+	} {
+		t.Run(fmt.Sprintf("%s %d", tc.url, len(tc.value)), func(t *testing.T) {
+			id := fmt.Sprintf("sb%d", i)
+			_, err := client.Create(ctx, &api.ControllerCreateRequest{SandboxID: id, Options: &anypb.Any{TypeUrl: tc.url, Value: tc.value}})
+			require.Equal(t, tc.code, status.Code(err), "%v", err)
+			if tc.code != codes.OK {
+				_, err := os.Stat(filepath.Join(root, id))
+				assert.True(t, os.IsNotExist(err), "nothing of a refused pod on disk")
+				return
+			}
+			assert.Equal(t, tc.cpu, readInfo(t, root, id)["cpu_limit"])
 		})
 	}
 }
