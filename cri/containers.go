@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -238,10 +239,24 @@ func (s *Service) StopContainer(ctx context.Context, req *runtime.StopContainerR
 		return nil, toGRPC(ctx, "StopContainer", err)
 	}
 	ctx = withContainer(ctx, c.id, c.sandboxID)
-	if err := s.stop(ctx, c, time.Duration(req.GetTimeout())*time.Second); err != nil {
+	if err := s.stop(ctx, c, Seconds(req.GetTimeout())); err != nil {
 		return nil, toGRPC(ctx, "StopContainer", err)
 	}
 	return &runtime.StopContainerResponse{}, nil
+}
+
+// Seconds is a timeout in seconds from outside as a duration: none for
+// one not above 0, and for one beyond what a Duration holds (292 years)
+// the longest it holds, rather than one that overflows into a negative
+// duration (which would make StopContainer send SIGKILL at once).
+func Seconds(secs int64) time.Duration {
+	switch {
+	case secs <= 0:
+		return 0
+	case secs > int64(math.MaxInt64/time.Second):
+		return math.MaxInt64
+	}
+	return time.Duration(secs) * time.Second
 }
 
 func (s *Service) stop(ctx context.Context, c ctr, timeout time.Duration) error {

@@ -3,6 +3,7 @@ package cri
 import (
 	"context"
 	"encoding/json"
+	"math"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -126,6 +127,9 @@ func TestStopContainer(t *testing.T) {
 	}{
 		{name: "SIGKILL without timeout", code: 137},
 		{name: "SIGTERM with timeout", timeout: 30, code: 143},
+		{name: "SIGTERM with the largest timeout", timeout: math.MaxInt64, code: 143},
+		{name: "SIGTERM with a timeout beyond a Duration", timeout: math.MaxInt64/int64(time.Second) + 1, code: 143},
+		{name: "SIGKILL with a negative timeout", timeout: -1, code: 137},
 		{name: "stop signal SIGINT", signal: runtime.Signal_SIGNAL_SIGINT, timeout: 30, code: 130},
 		{name: "ignored stop signal, then SIGKILL", signal: runtime.Signal_SIGNAL_SIGWINCH, timeout: 1, code: 137, minTime: time.Second},
 	} {
