@@ -177,3 +177,26 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// TestMetricsAddressWarning: metrics on an address other than loopback
+// are served, with a warning that they have no authentication.
+func TestMetricsAddressWarning(t *testing.T) {
+	for _, tc := range []struct {
+		addr string
+		warn bool
+	}{{"127.0.0.1:0", false}, {"[::1]:0", false}, {"0.0.0.0:0", true}} {
+		t.Run(tc.addr, func(t *testing.T) {
+			var buf syncBuffer
+			out := log.L.Logger.Out
+			log.L.Logger.SetOutput(&buf)
+			defer log.L.Logger.SetOutput(out)
+			cfg := testConfig(t, t.TempDir())
+			cfg.MetricsAddress = tc.addr
+			level := log.L.Logger.GetLevel()
+			require.NoError(t, log.SetLevel("warn"))
+			defer log.L.Logger.SetLevel(level)
+			require.NoError(t, runDaemon(t, cfg)())
+			assert.Equal(t, tc.warn, strings.Contains(buf.String(), "without authentication"), "%s", buf.String())
+		})
+	}
+}

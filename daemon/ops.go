@@ -107,6 +107,9 @@ func (o *ops) start(ctx context.Context) (stop func(), err error) {
 	fields := log.Fields{"admin_socket": sock, "policy": o.admitter.Policy()}
 	if metricsLis != nil {
 		fields["metrics_address"] = metricsLis.Addr().String()
+		if !loopback(metricsLis.Addr()) {
+			log.G(ctx).WithField("metrics_address", metricsLis.Addr().String()).Warn("metrics_address is not a loopback address: /metrics serves the sandboxes' IDs, limits and usage without authentication to anyone who can reach it; bind it to 127.0.0.1 or a private interface")
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -122,4 +125,11 @@ func (o *ops) start(ctx context.Context) (stop func(), err error) {
 		// Removes the socket if it is still the one created.
 		adminLis.Close()
 	}, nil
+}
+
+// loopback reports whether a listener's address is a loopback one (not
+// an unspecified one such as 0.0.0.0, which is every interface).
+func loopback(a net.Addr) bool {
+	t, ok := a.(*net.TCPAddr)
+	return ok && t.IP.IsLoopback()
 }
