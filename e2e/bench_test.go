@@ -18,6 +18,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/testenv"
 )
 
 // The benchmarks (make bench) measure through the same containerd the
@@ -79,9 +81,7 @@ func variants(b *testing.B, fn func(b *testing.B)) {
 	b.Run("nofsync", func(b *testing.B) { h.withConfig(b, "fsync = false\n", func() { fn(b) }) })
 	b.Run("tmpfs", func(b *testing.B) {
 		dir, err := os.MkdirTemp("/dev/shm", "rss-bench-")
-		if err != nil {
-			b.Skipf("no tmpfs: %v", err)
-		}
+		testenv.Need(b, err == nil, "no tmpfs: %v", err)
 		defer os.RemoveAll(dir)
 		h.withConfig(b, fmt.Sprintf("dir = %q\n", dir), func() { fn(b) })
 	})

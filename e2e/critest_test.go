@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/testenv"
 )
 
 // TestCritest runs the critest (cri-tools v1.36.0) specs that pass in slot
@@ -18,16 +20,13 @@ import (
 // of them does not pass. The README's "## critest" section has the whole
 // suite.
 func TestCritest(t *testing.T) {
-	if _, err := exec.LookPath("critest"); err != nil {
-		t.Skip("critest not installed (scripts/install-containerd.sh)")
-	}
+	testenv.NeedTool(t, "critest", "scripts/install-containerd.sh")
 	cniBin := os.Getenv("CTRD_CNI_BIN_DIR")
 	if cniBin == "" {
 		cniBin = "/usr/lib/cni"
 	}
-	if _, err := os.Stat(filepath.Join(cniBin, "bridge")); err != nil {
-		t.Skipf("no CNI plugins in %s: apt-get install -y --no-install-recommends containernetworking-plugins", cniBin)
-	}
+	_, err := os.Stat(filepath.Join(cniBin, "bridge"))
+	testenv.Need(t, err == nil, "no CNI plugins in %s: apt-get install -y --no-install-recommends containernetworking-plugins (scripts/install-test-tools.sh)", cniBin)
 	want := passList(t, filepath.Join(h.root, "scripts", "critest-pass.txt"))
 
 	reports := t.TempDir()
@@ -125,9 +124,7 @@ func tail(s string, n int) string {
 // the daemon's own CRI endpoint (direct mode, no containerd). The sysctl
 // specs exec sysctl in a container, which slot containers cannot do.
 func TestCritestDirect(t *testing.T) {
-	if _, err := exec.LookPath("critest"); err != nil {
-		t.Skip("critest not installed (scripts/install-containerd.sh)")
-	}
+	testenv.NeedTool(t, "critest", "scripts/install-containerd.sh")
 	report := filepath.Join(t.TempDir(), "critest.json")
 	ep := "unix://" + h.SandboxerSock()
 	out, err := exec.Command("critest", "--runtime-endpoint", ep, "--image-endpoint", ep,

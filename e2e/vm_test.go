@@ -26,6 +26,9 @@ func virsh(t *testing.T, args ...string) string {
 // when the VM is destroyed behind its back, and removes it on rmp.
 func TestVMPod(t *testing.T) {
 	if h.vm == nil {
+		if os.Getenv("RSS_VM_TESTS") != "" {
+			t.Fatal("RSS_VM_TESTS is set but the vm daemon did not start: RSS_GUEST_DIR is not set")
+		}
 		t.Skip("set RSS_VM_TESTS=1 and RSS_GUEST_DIR (make test does) to run the vm mode end to end")
 	}
 	id := h.mustCrictl(t, "runp", "--runtime", "resource-vm", writeJSON(t, podConfig("vm", map[string]string{

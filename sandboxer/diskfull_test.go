@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/testenv"
 	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
 	"github.com/kuasar-io/resource-slot-sandboxer/slot"
 )
@@ -18,19 +19,16 @@ import (
 // TestDiskFull persists on a tiny tmpfs that fills up: the call that
 // cannot be saved fails, and what was saved before is intact.
 func TestDiskFull(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("mounting a tmpfs needs root")
-	}
+	testenv.NeedRoot(t) // to mount a tmpfs
 	ctx := context.Background()
 	root := t.TempDir()
-	if err := syscall.Mount("tmpfs", root, "tmpfs", 0, "size=256k"); err != nil {
-		t.Skipf("cannot mount a tmpfs here: %v", err)
-	}
+	err := syscall.Mount("tmpfs", root, "tmpfs", 0, "size=256k")
+	testenv.Need(t, err == nil, "cannot mount a tmpfs here: %v", err)
 	t.Cleanup(func() { syscall.Unmount(root, syscall.MNT_DETACH) })
 
 	c := newController(t, root, slot.New())
 	require.NoError(t, create(ctx, c, "sb", podConfig(map[string]string{resourceinfo.AnnotationCPULimit: "1"}, nil)))
-	_, err := c.Start(ctx, "sb")
+	_, err = c.Start(ctx, "sb")
 	require.NoError(t, err)
 	before, err := os.ReadFile(filepath.Join(root, "sb", ResourceInfoFile))
 	require.NoError(t, err)

@@ -10,19 +10,15 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/testenv"
 )
 
 var units = []string{"kuasar-resource-slot.service", "kuasar-resource-vm.service"}
 
 func TestUnitsVerify(t *testing.T) {
-	analyze, err := exec.LookPath("systemd-analyze")
-	if err != nil {
-		t.Skip("systemd-analyze is not installed (scripts/install-test-tools.sh installs it)")
-	}
-	mk, err := exec.LookPath("make")
-	if err != nil {
-		t.Skip("make is not installed")
-	}
+	analyze := testenv.NeedTool(t, "systemd-analyze", "scripts/install-test-tools.sh installs it")
+	mk := testenv.NeedTool(t, "make", "apt-get install make")
 	root, err := filepath.Abs("..")
 	if err != nil {
 		t.Fatal(err)

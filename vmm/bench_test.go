@@ -22,8 +22,11 @@ import (
 // Needs RSS_VM_TESTS and RSS_GUEST_DIR like the integration tests;
 // RSS_BENCH_CYCLES sets the number of boots of each (default 5).
 func BenchmarkCreateToReady(b *testing.B) {
-	if os.Getenv("RSS_VM_TESTS") == "" || os.Getenv("RSS_GUEST_DIR") == "" {
+	if os.Getenv("RSS_VM_TESTS") == "" {
 		b.Skip("set RSS_VM_TESTS=1 and RSS_GUEST_DIR")
+	}
+	if os.Getenv("RSS_GUEST_DIR") == "" {
+		b.Fatal("RSS_VM_TESTS is set but RSS_GUEST_DIR is not")
 	}
 	ctx := context.Background()
 	n := 5
