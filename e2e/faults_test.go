@@ -19,12 +19,20 @@ import (
 	"testing"
 	"time"
 
+	taskapi "github.com/containerd/containerd/api/runtime/task/v3"
 	eventsapi "github.com/containerd/containerd/api/services/events/v1"
+	sbapi "github.com/containerd/containerd/api/services/sandbox/v1"
+	apitypes "github.com/containerd/containerd/api/types"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/ttrpc"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/hostile"
 )
 
 // exitWatch records the task exit events containerd publishes.
@@ -543,4 +551,97 @@ func TestOrphanShims(t *testing.T) {
 	data, _ := os.ReadFile(filepath.Join(base, "state", "shim.log"))
 	assert.Contains(t, string(data), "the task socket was removed or replaced")
 	assert.Contains(t, string(data), "resource-slot-sandboxer is gone; the task shim exits")
+}
+
+// TestHostileCalls: random, malformed and hostile messages (package
+// hostile) to every method of a real daemon's sandbox API and CRI, and of
+// the task API through its task shim: no call panics or fails as Unknown
+// or Internal (the panic paths found so: a sandbox without its runtime
+// in Create and Update), and the daemon and the shim live on. A daemon
+// of its own: the CRI resolves ID prefixes, which must not find the other
+// tests' pods.
+func TestHostileCalls(t *testing.T) {
+	base := t.TempDir()
+	listen, taskSock := filepath.Join(base, "sb.sock"), filepath.Join(base, "sb-task.sock")
+	cfg := filepath.Join(base, "hostile.toml")
+	require.NoError(t, os.WriteFile(cfg, []byte(fmt.Sprintf("listen = %q\ndir = %q\ncontainerd_address = \"\"\nfsync = false\n", listen, filepath.Join(base, "state"))), 0o600))
+	logPath := filepath.Join(base, "daemon.log")
+	cmd, err := startDaemon(h.bin, cfg, logPath, listen, taskSock)
+	require.NoError(t, err)
+	defer func() {
+		stopDaemon(cmd, syscall.SIGTERM)
+		for _, pid := range shimPIDs(taskSock) {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}()
+	shim, err := servingPID(taskSock)
+	require.NoError(t, err)
+
+	gc, err := grpc.NewClient("unix://"+listen, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	require.NoError(t, err)
+	defer gc.Close()
+	conn, err := net.Dial("unix", taskSock)
+	require.NoError(t, err)
+	tc := ttrpc.NewClient(conn)
+	defer tc.Close()
+	c := hostile.Clients{GRPC: gc, TTRPC: tc}
+	ctx := namespaces.WithNamespace(context.Background(), "k8s.io")
+	g := hostile.New(7)
+
+	// The panic paths, one by one.
+	ctrl := sbapi.NewControllerClient(gc)
+	_, err = ctrl.Create(ctx, &sbapi.ControllerCreateRequest{SandboxID: "no-runtime", Sandbox: &apitypes.Sandbox{SandboxID: "no-runtime"}})
+	require.NoError(t, err, "a sandbox without its runtime")
+	_, err = ctrl.Update(ctx, &sbapi.ControllerUpdateRequest{SandboxID: "no-runtime", Sandbox: &apitypes.Sandbox{}})
+	require.NoError(t, err, "an update without the runtime")
+
+	tasks := taskapi.NewTTRPCTaskClient(tc)
+	cri := runtime.NewRuntimeServiceClient(gc)
+	for i := range 3 {
+		id := fmt.Sprintf("sb%d", i)
+		g.IDs = append(g.IDs, id, fmt.Sprintf("ctr%d", i))
+		dir := t.TempDir()
+		require.NoError(t, hostile.PlainBundle(dir, id))
+		g.Bundles = append(g.Bundles, dir)
+		dir = t.TempDir()
+		require.NoError(t, g.Bundle(dir, id))
+		g.Bundles = append(g.Bundles, dir)
+	}
+	logDir := t.TempDir()
+	attempt := uint32(0)
+	populate := func() {
+		for i := range 3 {
+			id := fmt.Sprintf("sb%d", i)
+			ctrl.Create(ctx, &sbapi.ControllerCreateRequest{SandboxID: id})
+			ctrl.Start(ctx, &sbapi.ControllerStartRequest{SandboxID: id})
+			tasks.Create(ctx, &taskapi.CreateTaskRequest{ID: fmt.Sprintf("ctr%d", i), Bundle: g.Bundles[2*i]})
+			tasks.Start(ctx, &taskapi.StartRequest{ID: fmt.Sprintf("ctr%d", i)})
+		}
+		attempt++
+		pod, err := cri.RunPodSandbox(ctx, &runtime.RunPodSandboxRequest{Config: &runtime.PodSandboxConfig{
+			Metadata: &runtime.PodSandboxMetadata{Name: "pod", Uid: "pod", Namespace: "ns", Attempt: attempt}, LogDirectory: logDir,
+		}})
+		if err == nil {
+			g.IDs = append(g.IDs, pod.PodSandboxId)
+			if c, err := cri.CreateContainer(ctx, &runtime.CreateContainerRequest{PodSandboxId: pod.PodSandboxId,
+				Config: &runtime.ContainerConfig{Metadata: &runtime.ContainerMetadata{Name: "c"}, Image: &runtime.ImageSpec{Image: "busybox"}, LogPath: "c.log"}}); err == nil {
+				g.IDs = append(g.IDs, c.ContainerId)
+			}
+		}
+	}
+	rep, err := hostile.Run(ctx, c, g, 1000, populate)
+	require.NoError(t, err)
+	for k, v := range rep.Bad {
+		t.Errorf("%s: %s", k, v)
+	}
+	_, err = cri.Version(ctx, &runtime.VersionRequest{})
+	require.NoError(t, err, "the daemon serves on")
+	assert.True(t, alive(cmd.Process.Pid))
+	now, err := servingPID(taskSock)
+	require.NoError(t, err)
+	assert.Equal(t, shim, now, "the same task shim serves")
+	data, _ := os.ReadFile(logPath)
+	assert.NotContains(t, string(data), "call panicked")
+	shimLog, _ := os.ReadFile(filepath.Join(base, "state", "shim.log"))
+	assert.NotContains(t, string(shimLog), "call panicked")
 }
