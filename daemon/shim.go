@@ -326,6 +326,12 @@ func (s *shim) supervise(ctx context.Context) {
 			continue
 		case <-tick.C:
 		}
+		if st := processState(pid); pid != 0 && (st == 'T' || st == 't') {
+			// Stopped: a connection would wait in its backlog until it
+			// continues (and fill it, for containerd too).
+			s.checkStopped(ctx)
+			continue
+		}
 		now, err := serving(sock)
 		switch {
 		case err == nil && now == pid:
