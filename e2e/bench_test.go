@@ -174,7 +174,17 @@ func containerCycles(b *testing.B) {
 	}()
 	res := &runtime.LinuxContainerResources{CpuPeriod: 100000, CpuQuota: 50000, CpuShares: 256, MemoryLimitInBytes: 256 << 20}
 	for range b.N {
-		compare(b, cycles(300), func(handler string) error {
+		// CPU time does not depend on the load of the machine as the
+		// cycle's time does: what the task shim, the sandboxer and the
+		// no-op baseline (controller and task service in one process)
+		// spend per cycle.
+		n := cycles(300)
+		shim := 0
+		if pids := shimPIDs(h.TaskSock()); len(pids) == 1 {
+			shim = pids[0]
+		}
+		shim0, sb0, noop0 := cpuTime(shim), cpuTime(h.sandboxer.Process.Pid), cpuTime(h.noop.Process.Pid)
+		compare(b, n, func(handler string) error {
 			cfg := containerConfig(uniq("c"), nil, res)
 			c, err := h.cri.CreateContainer(ctx, &runtime.CreateContainerRequest{PodSandboxId: ids[handler], Config: cfg, SandboxConfig: pods[handler]})
 			if err != nil {
@@ -189,6 +199,12 @@ func containerCycles(b *testing.B) {
 			_, err = h.cri.RemoveContainer(ctx, &runtime.RemoveContainerRequest{ContainerId: c.ContainerId})
 			return err
 		})
+		perCycle := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 / float64(n) }
+		shimMs, sbMs, noopMs := perCycle(cpuTime(shim)-shim0), perCycle(cpuTime(h.sandboxer.Process.Pid)-sb0), perCycle(cpuTime(h.noop.Process.Pid)-noop0)
+		b.ReportMetric(shimMs, "cpu-ms/cycle-shim")
+		b.ReportMetric(sbMs, "cpu-ms/cycle-sandboxer")
+		b.ReportMetric(noopMs, "cpu-ms/cycle-noop")
+		fmt.Printf("%s: CPU per cycle: task shim %.2f ms, sandboxer %.2f ms, no-op baseline %.2f ms\n", b.Name(), shimMs, sbMs, noopMs)
 	}
 }
 
@@ -268,6 +284,28 @@ func rssKiB(pid int) int {
 		}
 	}
 	return 0
+}
+
+// cpuTime is the user and system CPU time a process has used (0 for
+// pid 0 or a process that is gone).
+func cpuTime(pid int) time.Duration {
+	if pid == 0 {
+		return 0
+	}
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	i := strings.LastIndexByte(string(data), ')')
+	f := strings.Fields(string(data)[i+1:])
+	if len(f) < 13 {
+		return 0
+	}
+	// utime and stime: fields 14 and 15 of stat, in clock ticks (100 a
+	// second on Linux).
+	u, _ := strconv.Atoi(f[11])
+	st, _ := strconv.Atoi(f[12])
+	return time.Duration(u+st) * 10 * time.Millisecond
 }
 
 func shimRSSKiB() int {

@@ -59,7 +59,7 @@ func upstream(t *testing.T, root, sock string) *daemon {
 	}}
 }
 
-func (d *daemon) readySandbox(t *testing.T, id string) {
+func (d *daemon) readySandbox(t testing.TB, id string) {
 	t.Helper()
 	ctx := context.Background()
 	require.NoError(t, d.ctrl.Create(ctx, sandbox.Sandbox{ID: id}))
@@ -68,7 +68,7 @@ func (d *daemon) readySandbox(t *testing.T, id string) {
 }
 
 // bundle writes a container bundle in sandboxID.
-func bundle(t *testing.T, sandboxID string) string {
+func bundle(t testing.TB, sandboxID string) string {
 	t.Helper()
 	dir := t.TempDir()
 	data, err := json.Marshal(&specs.Spec{Version: specs.Version, Annotations: map[string]string{"io.kubernetes.cri.sandbox-id": sandboxID}})
