@@ -24,6 +24,8 @@ import (
 	sbapi "github.com/containerd/containerd/api/services/sandbox/v1"
 	apitypes "github.com/containerd/containerd/api/types"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/ttrpc"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -514,7 +516,7 @@ func TestOrphanShims(t *testing.T) {
 	sockDir := filepath.Join(base, "run")
 	listen, taskSock := filepath.Join(sockDir, "sb.sock"), filepath.Join(sockDir, "sb-task.sock")
 	cfg := filepath.Join(base, "orphans.toml")
-	require.NoError(t, os.WriteFile(cfg, []byte(fmt.Sprintf("listen = %q\ndir = %q\ncontainerd_address = \"\"\nshim_orphan_timeout = \"3s\"\n", listen, filepath.Join(base, "state"))), 0o600))
+	require.NoError(t, os.WriteFile(cfg, []byte(fmt.Sprintf("listen = %q\ndir = %q\ncontainerd_address = \"\"\nshim_orphan_timeout = \"8s\"\n", listen, filepath.Join(base, "state"))), 0o600))
 	logPath := filepath.Join(base, "daemon.log")
 	defer func() {
 		for _, pid := range shimPIDs(taskSock) {
@@ -535,12 +537,29 @@ func TestOrphanShims(t *testing.T) {
 	}
 	assert.Equal(t, []int{first}, shimPIDs(taskSock), "restarts reuse the one shim")
 
-	// The socket is removed from under the shim.
+	// The socket is removed from under the shim, which holds a
+	// connection (as containerd holds one per task): it serves it on,
+	// and exits once it is closed.
+	conn, err := net.Dial("unix", taskSock)
+	require.NoError(t, err)
+	held := ttrpc.NewClient(conn)
+	defer held.Close()
+	ctx := namespaces.WithNamespace(context.Background(), "k8s.io")
+	_, err = taskapi.NewTTRPCTaskClient(held).State(ctx, &taskapi.StateRequest{ID: "none"})
+	require.True(t, errdefs.IsNotFound(errgrpc.ToNative(err)), "the daemon's answer through the shim: %v", err)
 	require.NoError(t, os.Remove(taskSock))
 	eventually(t, "a new shim on the task socket", func() bool {
 		pid, err := servingPID(taskSock)
 		return err == nil && pid != first
 	})
+	time.Sleep(2 * time.Second) // the orphan's checks run every second
+	if !alive(first) {
+		data, _ := os.ReadFile(filepath.Join(base, "state", "shim.log"))
+		t.Fatalf("the orphan exited although it holds a connection:\n%s", data)
+	}
+	_, err = taskapi.NewTTRPCTaskClient(held).State(ctx, &taskapi.StateRequest{ID: "none"})
+	assert.True(t, errdefs.IsNotFound(errgrpc.ToNative(err)), "the orphan still forwards on its open connection: %v", err)
+	held.Close()
 	eventually(t, "the orphaned shim to exit", func() bool { return !alive(first) })
 	pids := shimPIDs(taskSock)
 	require.Len(t, pids, 1, "one shim per task socket")
