@@ -51,8 +51,9 @@ func TestOtherProcess(t *testing.T) {
 	assert.NoError(t, err, "%s", out)
 
 	// Held by another process that then dies.
-	// One process that holds it (flock(1) would leave it to its child).
-	cmd := exec.Command("sh", "-c", `exec 9>>"$1" && flock -n 9 && exec sleep 60`, "sh", filepath.Join(dir, File))
+	// One process that holds it (flock(1) would leave it to its child);
+	// it waits for the lock, which the probes below hold for an instant.
+	cmd := exec.Command("sh", "-c", `exec 9>>"$1" && flock 9 && exec sleep 60`, "sh", filepath.Join(dir, File))
 	require.NoError(t, cmd.Start())
 	waitLocked(t, dir)
 	_, err = Acquire(dir)
