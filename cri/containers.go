@@ -141,6 +141,7 @@ func (s *Service) CreateContainer(ctx context.Context, req *runtime.CreateContai
 	if err != nil {
 		return nil, toGRPC(ctx, "CreateContainer", err)
 	}
+	res.Name = md.GetName()
 	sim, err := sandboxer.ParseSimulation(cfg.GetAnnotations())
 	if err != nil {
 		return nil, toGRPC(ctx, "CreateContainer", err)

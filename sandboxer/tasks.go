@@ -526,6 +526,8 @@ func (t *Tasks) SetResources(ctx context.Context, k TaskKey, res resourceinfo.Re
 		if c.Task.Status == TaskStopped {
 			return fmt.Errorf("task %s has exited: %w", k.ID, errdefs.ErrFailedPrecondition)
 		}
+		// An update carries no name: the container keeps its own.
+		res.Name = c.Resources.Name
 		c.Resources = res
 		return nil
 	}); err != nil {
