@@ -4,16 +4,18 @@ BIN      := bin
 PREFIX   ?= /usr/local
 GOTEST   ?= $(GO) test
 
-.PHONY: all build test unit e2e deps vm-deps guest lint fuzz bench demo install clean proto
+.PHONY: all build test unit e2e kubelet deps vm-deps guest lint fuzz bench demo install uninstall clean proto
 
 all: build
 
 build:
 	$(GO) build -o $(BIN)/ ./cmd/...
 
-# deps installs containerd 2.4.2, ctr, crictl and critest (idempotent).
+# deps installs containerd 2.4.2, ctr, crictl and critest, and kubelet
+# v1.36.3 (idempotent).
 deps:
 	scripts/install-containerd.sh
+	scripts/install-kubelet.sh
 	scripts/install-test-tools.sh
 
 # The vm backend: libvirtd and virtlogd (started without systemd) and the
@@ -55,6 +57,11 @@ unit:
 # e2e drives the sandboxer through a real containerd and crictl (root).
 e2e: build deps
 	RSS_E2E=1 $(GOTEST) -count=1 -v ./e2e/
+
+# kubelet runs kubelet standalone on static pods against the sandboxer
+# (part of e2e and test; root).
+kubelet: build deps
+	RSS_E2E=1 $(GOTEST) -count=1 -v -run 'TestKubelet' ./e2e/
 
 # fuzz runs each fuzz target briefly; crashers land in testdata/fuzz and
 # stay as regression cases.
