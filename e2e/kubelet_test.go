@@ -61,12 +61,14 @@ func image(name, resources string) string {
 	return s
 }
 
+// kubeletPods request 1.8 cores together: kubelet admits no more than the
+// node's (2 on the test host) allocatable.
 var kubeletPods = []kubeletPod{
 	{
 		name:       "guaranteed",
-		spec:       "  containers:\n" + image("app", "{limits: {cpu: 500m, memory: 256Mi}}"),
+		spec:       "  containers:\n" + image("app", "{limits: {cpu: 200m, memory: 256Mi}}"),
 		containers: []string{"app"},
-		want:       podCgroupValues{shares: 512, quota: 50000, period: 100000, memory: 256 * mi, pids: -1},
+		want:       podCgroupValues{shares: 204, quota: 20000, period: 100000, memory: 256 * mi, pids: -1},
 	},
 	{
 		// linux.resources carries 0.3 cores and 128Mi, the limits that
@@ -92,7 +94,8 @@ var kubeletPods = []kubeletPod{
 		want:       podCgroupValues{shares: 460, quota: 45000, period: 100000, memory: 192 * mi, pids: -1},
 	},
 	{
-		// The init container is larger than app and sidecar together:
+		// The init container (completing by default: its name says init)
+		// is larger than app and sidecar together:
 		// limits max(1000m + 100m, 200m + 100m), max(512Mi + 64Mi, 128Mi +
 		// 64Mi); requests max(100m + 50m, 200m + 50m).
 		name: "init",
@@ -102,6 +105,16 @@ var kubeletPods = []kubeletPod{
 			"  containers:\n" + image("app", "{limits: {cpu: 200m, memory: 128Mi}}"),
 		containers: []string{"sidecar", "app"},
 		want:       podCgroupValues{shares: 256, quota: 110000, period: 100000, memory: 576 * mi, pids: -1},
+	},
+	{
+		// An init container named otherwise completes through a pod
+		// annotation keyed by its name.
+		name:        "prepared",
+		annotations: "    exit-after.resource-slot.kuasar.io/prepare: 1s\n",
+		spec: "  initContainers:\n" + image("prepare", "{limits: {cpu: 100m, memory: 64Mi}}") +
+			"  containers:\n" + image("app", "{limits: {cpu: 200m, memory: 128Mi}}"),
+		containers: []string{"app"},
+		want:       podCgroupValues{shares: 204, quota: 20000, period: 100000, memory: 128 * mi, pids: -1},
 	},
 	{
 		name: "annotations",
@@ -114,10 +127,10 @@ var kubeletPods = []kubeletPod{
 	},
 	{
 		name: "several",
-		spec: "  containers:\n" + image("a", "{limits: {cpu: 100m, memory: 64Mi}}") +
-			image("b", "{limits: {cpu: 200m, memory: 128Mi}}") + image("c", "{limits: {cpu: 300m, memory: 256Mi}}"),
+		spec: "  containers:\n" + image("a", "{limits: {cpu: 50m, memory: 64Mi}}") +
+			image("b", "{limits: {cpu: 100m, memory: 128Mi}}") + image("c", "{limits: {cpu: 150m, memory: 256Mi}}"),
 		containers: []string{"a", "b", "c"},
-		want:       podCgroupValues{shares: 614, quota: 60000, period: 100000, memory: 448 * mi, pids: -1},
+		want:       podCgroupValues{shares: 307, quota: 30000, period: 100000, memory: 448 * mi, pids: -1},
 	},
 }
 
