@@ -49,18 +49,28 @@ type PodContainer struct {
 	ID string `json:"id"`
 	// Seq is when it was created, in the pod's creation order.
 	Seq uint64 `json:"seq"`
-	// Resources are its own, as last created or updated.
-	Resources Resources `json:"resources"`
-	// Alongside sums the limits and requests of the containers that were
-	// running when it was created: for an init container, the sidecars
-	// started before it, which kubelet adds to it
-	// (component-helpers resource.AggregateContainerLimits).
-	Alongside Resources `json:"alongside"`
+	// Own are its own amounts, as last created or updated.
+	Own Amounts `json:"own"`
+	// Alongside sums the amounts of the containers that were running when
+	// it was created: for an init container, the sidecars started before
+	// it, which kubelet adds to it (component-helpers
+	// resource.AggregateContainerLimits).
+	Alongside *Amounts `json:"alongside,omitempty"`
 	// Completed: it exited with status 0.
 	Completed bool `json:"completed,omitempty"`
 	// Init: it completed before a new container name appeared, so it is
 	// counted as an init container.
 	Init bool `json:"init,omitempty"`
+}
+
+// Amounts is what a container adds to its pod, as the history keeps it:
+// what is unset is left out, so that a pod's record stays small.
+type Amounts struct {
+	CPULimit      *int64 `json:"cpu_limit_millicores,omitempty"`
+	CPURequest    *int64 `json:"cpu_request_millicores,omitempty"`
+	MemoryLimit   *int64 `json:"memory_limit,omitempty"`
+	MemoryRequest *int64 `json:"memory_request,omitempty"`
+	PidLimit      *int64 `json:"pid_limit,omitempty"`
 }
 
 // Observed is what the pod history needs to know of a present container.
@@ -130,10 +140,11 @@ func (p Pod) Observe(present map[string]Observed) (Pod, bool) {
 	for _, id := range ids {
 		o := present[id]
 		k := keys[id]
+		own := amountOf(o.Resources).amounts()
 		if !created[id] {
 			e := next.Containers[k]
-			if !reflect.DeepEqual(e.Resources, o.Resources) {
-				e.Resources = o.Resources
+			if !reflect.DeepEqual(e.Own, own) {
+				e.Own = own
 			}
 			if o.Exited && o.ExitStatus == 0 {
 				e.Completed = true
@@ -159,7 +170,11 @@ func (p Pod) Observe(present map[string]Observed) (Pod, bool) {
 				alongside = alongside.minus(amountOf(present[e.ID].Resources))
 			}
 		}
-		next.Containers[k] = PodContainer{ID: id, Seq: next.Seq, Resources: o.Resources, Alongside: alongside.resources()}
+		e := PodContainer{ID: id, Seq: next.Seq, Own: own}
+		if a := alongside.amounts(); a != (Amounts{}) {
+			e.Alongside = &a
+		}
+		next.Containers[k] = e
 	}
 	next.prune(present)
 	if reflect.DeepEqual(next, p) || (len(next.Containers) == 0 && len(p.Containers) == 0 && next.Seq == p.Seq) {
@@ -209,7 +224,11 @@ func (p Pod) members(present map[string]Resources, all bool) (apps, inits []amou
 		e := p.Containers[k]
 		if e.Init {
 			initIDs[e.ID] = true
-			inits = append(inits, amountOf(e.Resources).plus(amountOf(e.Alongside)))
+			use := e.Own.amount()
+			if e.Alongside != nil {
+				use = use.plus(e.Alongside.amount())
+			}
+			inits = append(inits, use)
 		}
 	}
 	presentKeys := map[string]bool{}
@@ -225,7 +244,7 @@ func (p Pod) members(present map[string]Resources, all bool) (apps, inits []amou
 	if all {
 		for _, k := range slices.Sorted(maps.Keys(p.Containers)) {
 			if e := p.Containers[k]; !e.Init && !presentKeys[k] && k[0] != '#' {
-				apps = append(apps, amountOf(e.Resources))
+				apps = append(apps, e.Own.amount())
 			}
 		}
 	}
@@ -303,6 +322,47 @@ func (a amount) atLeast(b amount) amount {
 		hasPids: a.hasPids || b.hasPids, hasCPURequest: a.hasCPURequest || b.hasCPURequest,
 		hasMemRequest: a.hasMemRequest || b.hasMemRequest,
 	}
+}
+
+// amounts is a for the record: the declared limits and set requests.
+func (a amount) amounts() Amounts {
+	var r Amounts
+	if a.hasCPULimit {
+		r.CPULimit = ptr(a.cpuLimit)
+	}
+	if a.hasCPURequest {
+		r.CPURequest = ptr(a.cpuRequest)
+	}
+	if a.hasMemLimit {
+		r.MemoryLimit = ptr(a.memLimit)
+	}
+	if a.hasMemRequest {
+		r.MemoryRequest = ptr(a.memRequest)
+	}
+	if a.hasPids {
+		r.PidLimit = ptr(a.pids)
+	}
+	return r
+}
+
+func (r Amounts) amount() amount {
+	var a amount
+	if r.CPULimit != nil {
+		a.cpuLimit, a.hasCPULimit = *r.CPULimit, *r.CPULimit > 0
+	}
+	if r.CPURequest != nil {
+		a.cpuRequest, a.hasCPURequest = *r.CPURequest, true
+	}
+	if r.MemoryLimit != nil {
+		a.memLimit, a.hasMemLimit = *r.MemoryLimit, *r.MemoryLimit > 0
+	}
+	if r.MemoryRequest != nil {
+		a.memRequest, a.hasMemRequest = *r.MemoryRequest, true
+	}
+	if r.PidLimit != nil {
+		a.pids, a.hasPids = *r.PidLimit, *r.PidLimit > 0
+	}
+	return a
 }
 
 // resources is a as Resources, for the record.

@@ -518,15 +518,16 @@ func TestPodObserve(t *testing.T) {
 	t.Run("sidecars run alongside", func(t *testing.T) {
 		p, _ := Pod{}.Observe(map[string]Observed{"s1": {Resources: res("sidecar", 0.5)}})
 		p, _ = p.Observe(map[string]Observed{"s1": {Resources: res("sidecar", 0.5)}, "i1": {Resources: res("init", 1)}})
-		assert.Equal(t, ptr(0.5), p.Containers["init"].Alongside.CPULimit)
-		assert.Nil(t, p.Containers["sidecar"].Alongside.CPULimit)
+		require.NotNil(t, p.Containers["init"].Alongside)
+		assert.Equal(t, ptr(int64(500)), p.Containers["init"].Alongside.CPULimit)
+		assert.Nil(t, p.Containers["sidecar"].Alongside)
 	})
 	t.Run("an update without a name is the same container", func(t *testing.T) {
 		p, _ := Pod{}.Observe(map[string]Observed{"a1": {Resources: res("a", 1)}})
 		p, changed := p.Observe(map[string]Observed{"a1": {Resources: Resources{CPULimit: ptr(2.0)}}})
 		assert.True(t, changed)
 		assert.Len(t, p.Containers, 1)
-		assert.Equal(t, ptr(2.0), p.Containers["a"].Resources.CPULimit)
+		assert.Equal(t, ptr(int64(2000)), p.Containers["a"].Own.CPULimit)
 		assert.Equal(t, uint64(1), p.Seq, "no new container")
 	})
 	t.Run("unnamed containers are forgotten when gone", func(t *testing.T) {

@@ -110,7 +110,7 @@ type ResourceInfo struct {
 	// Containers are each present container's own values, by container ID.
 	Containers map[string]Resources `json:"containers"`
 	// InitContainers are the containers counted as init containers (see
-	// Pod), by name, with their own values.
+	// Pod), by name, with the limits and requests they declared.
 	InitContainers map[string]Resources `json:"init_containers"`
 	Sources        map[string]Source    `json:"sources"`
 	UpdatedAt      time.Time            `json:"updated_at"`
@@ -153,7 +153,7 @@ func Compute(spec Spec, containers map[string]Resources) ResourceInfo {
 			if info.InitContainers == nil {
 				info.InitContainers = map[string]Resources{}
 			}
-			info.InitContainers[k] = e.Resources
+			info.InitContainers[k] = e.Own.amount().resources()
 		}
 	}
 	var cg Resources

@@ -70,15 +70,6 @@ trap 'rm -rf "$work"' EXIT
 	done
 	echo ")"
 } >"$work/go.mod"
-# A blank import keeps cmd/kubelet in the module graph for `go mod tidy`.
-cat >"$work/tools.go" <<'EOF'
-//go:build tools
-
-package tools
-
-import _ "k8s.io/kubernetes/cmd/kubelet"
-EOF
-
 # Check the list against the release's go.mod, so a release that adds or
 # drops a staging module fails here rather than at link time.
 kdir="$(cd "$work" && GOFLAGS='' go mod download -json "k8s.io/kubernetes@${KUBELET_VERSION}" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')"
@@ -103,7 +94,8 @@ t0="$(date +%s)"
 log "building kubelet ${KUBELET_VERSION} (staging modules ${staging_version}) in $work ..."
 (
 	cd "$work"
-	GOFLAGS='-mod=mod' go mod tidy
+	# -mod=mod resolves and records (go.sum) only what cmd/kubelet needs;
+	# go mod tidy would fetch every test dependency as well.
 	CGO_ENABLED=0 GOFLAGS='-mod=mod' go build -trimpath -ldflags "-s -w ${ldflags}" \
 		-o "$work/kubelet" k8s.io/kubernetes/cmd/kubelet
 )
