@@ -175,8 +175,8 @@ func TestKubelet(t *testing.T) {
 	}{
 		{"sandboxer SIGKILL", func() { n.restartSandboxer(syscall.SIGKILL) }},
 		{"containerd", n.restartContainerd},
-		// Issue 14 item 1: until SIGTERM leaves the containers running,
-		// this fails: the task shim ends them.
+		// Issue 14 item 1: a graceful stop once ended the containers
+		// (the task shim passed on Waits the stop cancelled).
 		{"sandboxer SIGTERM", func() { n.restartSandboxer(syscall.SIGTERM) }},
 	} {
 		t.Run("restart "+r.desc, func(t *testing.T) {
