@@ -24,6 +24,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -94,6 +95,13 @@ func deleteResponse(t time.Time) ([]byte, error) {
 	b = protowire.AppendVarint(b, 128+9)
 	b = protowire.AppendTag(b, 3, protowire.BytesType)
 	return protowire.AppendBytes(b, ts), nil
+}
+
+// The URL containerd gives the features type (core/runtime/typeurl.go),
+// under which its introspection decodes them. Registered here: the shim
+// does not link containerd's runtime packages, which do it.
+func init() {
+	typeurl.Register(&features.Features{}, "types.containerd.io", "opencontainers/runtime-spec", strconv.Itoa(specs.VersionMajor), "features", "Features")
 }
 
 // writeInfo prints the shim's RuntimeInfo (protobuf) as containerd's
