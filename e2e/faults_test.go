@@ -217,19 +217,23 @@ func TestUnreachableEvents(t *testing.T) {
 				l, err := net.Listen("unix", addr)
 				require.NoError(t, err)
 				defer l.Close()
-				var conns []net.Conn
+				accepted := make(chan struct{})
+				var conns []net.Conn // held, never read
 				defer func() {
+					l.Close()
+					<-accepted
 					for _, c := range conns {
 						c.Close()
 					}
 				}()
 				go func() {
+					defer close(accepted)
 					for {
 						c, err := l.Accept()
 						if err != nil {
 							return
 						}
-						conns = append(conns, c) // held, never read
+						conns = append(conns, c)
 					}
 				}()
 			}
