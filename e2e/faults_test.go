@@ -529,7 +529,8 @@ func TestOrphanShims(t *testing.T) {
 	}()
 	cmd, err := startDaemon(h.bin, cfg, logPath, listen, taskSock)
 	require.NoError(t, err)
-	defer stopDaemon(cmd, syscall.SIGKILL)
+	// cmd changes with the restarts: the last one is stopped.
+	defer func() { stopDaemon(cmd, syscall.SIGKILL) }()
 	first, err := servingPID(taskSock)
 	require.NoError(t, err)
 
