@@ -23,6 +23,7 @@ import (
 	"github.com/containerd/errdefs"
 
 	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
+	"github.com/kuasar-io/resource-slot-sandboxer/vmm/mounts"
 )
 
 // MetadataNamespace marks a domain as owned by the sandboxer. Cleanup only
@@ -34,11 +35,23 @@ const (
 	DiskFile    = "disk.qcow2"  // qcow2 overlay of the base disk
 	ConsoleFile = "console.log" // serial console (kernel + init output)
 	ReadyFile   = "ready.log"   // host side of the virtio-serial readiness port
+	AgentSocket = "agent.sock"  // host side of the agent's virtio-serial port (QEMU listens)
 )
 
 // DefaultReadyPort is the virtio-serial port name the guest init announces
 // readiness on (scripts/build-guest.sh, rss.port=).
 const DefaultReadyPort = "org.kuasar.rss.ready"
+
+// DefaultAgentPort is the virtio-serial port name the guest agent serves
+// on (agent/transport).
+const DefaultAgentPort = "org.kuasar.rss.agent"
+
+// DefaultSharedTag is the virtio-fs tag of the sandbox's shared directory
+// (SetupSandbox mounts it at mounts.GuestRoot).
+const DefaultSharedTag = "rss-shared"
+
+// DefaultVirtioFSD is the C virtiofsd of Debian 12's qemu-system-common.
+const DefaultVirtioFSD = "/usr/lib/qemu/virtiofsd"
 
 // DiskDev is the guest device name of the sandbox disk.
 const DiskDev = "vda"
@@ -53,6 +66,7 @@ type Domain struct {
 	MaxMemory     *MaxMemory   `xml:"maxMemory"`
 	Memory        Memory       `xml:"memory"`
 	CurrentMemory *Memory      `xml:"currentMemory"`
+	MemoryBacking *MemBacking  `xml:"memoryBacking"`
 	VCPU          VCPU         `xml:"vcpu"`
 	CPUTune       *CPUTune     `xml:"cputune"`
 	MemTune       *MemTune     `xml:"memtune"`
@@ -99,6 +113,24 @@ type MaxMemory struct {
 	Value uint64 `xml:",chardata"`
 	Unit  string `xml:"unit,attr,omitempty"`
 	Slots uint   `xml:"slots,attr,omitempty"`
+}
+
+// MemBacking is <memoryBacking>: virtio-fs (vhost-user) needs the guest's
+// RAM in shared memory, <source type='memfd'/><access mode='shared'/>.
+type MemBacking struct {
+	Source *MemBackingSource `xml:"source"`
+	Access *MemBackingAccess `xml:"access"`
+	Extra  []AnyElement      `xml:",any"`
+}
+
+// MemBackingSource is <source type='memfd'/>.
+type MemBackingSource struct {
+	Type string `xml:"type,attr"`
+}
+
+// MemBackingAccess is <access mode='shared'/>.
+type MemBackingAccess struct {
+	Mode string `xml:"mode,attr"`
 }
 
 // VCPU is <vcpu current='N'>MAX</vcpu>.
@@ -166,14 +198,15 @@ type CPU struct {
 
 // Devices is <devices>.
 type Devices struct {
-	Emulator   string       `xml:"emulator,omitempty"`
-	Disks      []Disk       `xml:"disk"`
-	Interfaces []Interface  `xml:"interface"`
-	Serials    []CharDev    `xml:"serial"`
-	Consoles   []CharDev    `xml:"console"`
-	Channels   []CharDev    `xml:"channel"`
-	MemBalloon *MemBalloon  `xml:"memballoon"`
-	Extra      []AnyElement `xml:",any"`
+	Emulator    string       `xml:"emulator,omitempty"`
+	Disks       []Disk       `xml:"disk"`
+	Filesystems []Filesystem `xml:"filesystem"`
+	Interfaces  []Interface  `xml:"interface"`
+	Serials     []CharDev    `xml:"serial"`
+	Consoles    []CharDev    `xml:"console"`
+	Channels    []CharDev    `xml:"channel"`
+	MemBalloon  *MemBalloon  `xml:"memballoon"`
+	Extra       []AnyElement `xml:",any"`
 }
 
 // Disk is <disk type='file' device='disk'>.
@@ -212,6 +245,47 @@ type IOTune struct {
 	TotalIOPSSec  uint64 `xml:"total_iops_sec,omitempty"`
 	ReadIOPSSec   uint64 `xml:"read_iops_sec,omitempty"`
 	WriteIOPSSec  uint64 `xml:"write_iops_sec,omitempty"`
+}
+
+// Filesystem is <filesystem type='mount' accessmode='passthrough'>: a host
+// directory shared with the guest over virtio-fs; libvirt starts the
+// virtiofsd of <binary> for it.
+type Filesystem struct {
+	Type       string            `xml:"type,attr"`
+	AccessMode string            `xml:"accessmode,attr,omitempty"`
+	Driver     *FilesystemDriver `xml:"driver"`
+	Binary     *FilesystemBinary `xml:"binary"`
+	Source     *FilesystemSource `xml:"source"`
+	Target     *FilesystemTarget `xml:"target"`
+	Extra      []AnyElement      `xml:",any"`
+}
+
+// FilesystemDriver is <driver type='virtiofs' queue='N'/>.
+type FilesystemDriver struct {
+	Type  string `xml:"type,attr"`
+	Queue uint   `xml:"queue,attr,omitempty"`
+}
+
+// FilesystemBinary is <binary path='...'><cache mode='...'/></binary>.
+type FilesystemBinary struct {
+	Path  string           `xml:"path,attr"`
+	Cache *FilesystemCache `xml:"cache"`
+	Extra []AnyElement     `xml:",any"`
+}
+
+// FilesystemCache is <cache mode='auto|always|none'/>.
+type FilesystemCache struct {
+	Mode string `xml:"mode,attr"`
+}
+
+// FilesystemSource is <source dir='...'/>.
+type FilesystemSource struct {
+	Dir string `xml:"dir,attr"`
+}
+
+// FilesystemTarget is <target dir='TAG'/>: the tag the guest mounts.
+type FilesystemTarget struct {
+	Dir string `xml:"dir,attr"`
 }
 
 // Interface is <interface type='ethernet'|'user'>.
@@ -380,6 +454,17 @@ type Config struct {
 	Cmdline string
 	// ReadyPort is the virtio-serial port name (default DefaultReadyPort).
 	ReadyPort string
+	// AgentPort is the virtio-serial port of the guest agent (default
+	// DefaultAgentPort); its host side is a unix socket QEMU listens on
+	// (AgentSocketPath).
+	AgentPort string
+	// VirtioFSD is the virtiofsd binary libvirt starts for the shared
+	// directory (default DefaultVirtioFSD); SharedTag its virtio-fs tag
+	// (default DefaultSharedTag).
+	VirtioFSD, SharedTag string
+	// SocketDir holds the agent sockets of sandboxes whose directory is
+	// too deep for a unix socket path (default /run/resource-slot-sandboxer/vm).
+	SocketDir string
 	// Network is ethernet (default), user or none.
 	Network string
 	// BalloonStatsPeriod is the guest memory stats period in seconds
@@ -447,6 +532,18 @@ func (c Config) WithDefaults() Config {
 	if c.ReadyPort == "" {
 		c.ReadyPort = DefaultReadyPort
 	}
+	if c.AgentPort == "" {
+		c.AgentPort = DefaultAgentPort
+	}
+	if c.VirtioFSD == "" {
+		c.VirtioFSD = DefaultVirtioFSD
+	}
+	if c.SharedTag == "" {
+		c.SharedTag = DefaultSharedTag
+	}
+	if c.SocketDir == "" {
+		c.SocketDir = "/run/resource-slot-sandboxer/vm"
+	}
 	if c.Network == "" {
 		c.Network = NetworkEthernet
 	}
@@ -457,6 +554,20 @@ func (c Config) WithDefaults() Config {
 		c.NamePrefix = "rss-"
 	}
 	return c
+}
+
+// maxSocketPath is the longest unix socket path that fits sun_path (108
+// bytes with its NUL), with a margin.
+const maxSocketPath = 100
+
+// AgentSocketPath is the host side of the agent's port of the sandbox in
+// dir: dir/agent.sock, or, when that is too long for a unix socket,
+// socketDir/<hash of dir>.sock.
+func AgentSocketPath(dir, socketDir string) string {
+	if p := filepath.Join(dir, AgentSocket); len(p) <= maxSocketPath {
+		return p
+	}
+	return filepath.Join(socketDir, shortHash(dir, 24)+".sock")
 }
 
 var safeName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
@@ -548,11 +659,18 @@ func MemoryKiBFor(memLimit *int64, overhead, def int64) uint64 {
 //     swap_hard are live-only here (see LiveTunables).
 //   - disk_read_bps/disk_write_bps/disk_read_iops/disk_write_iops become
 //     the disk's iotune (read/write bytes_sec and iops_sec).
-//   - pid_limit goes on the kernel command line as rss.pids=N; the guest
-//     init sets pids.max of the cgroup its processes run in.
+//   - memoryBacking is memfd, shared: virtiofsd (vhost-user) maps the
+//     guest's RAM.
 //
+// pid_limit, like every limit of the pod's own processes, is the pod
+// cgroup's in the guest (podResources); libvirt has no pids element.
 // storage_limit sizes the overlay disk (Create) and network limits are
 // applied with tc on the tap (Start); neither is in the XML.
+//
+// The devices besides the disk and the NIC: the serial console (a file),
+// the readiness port (a virtio-serial port whose host side is a file), the
+// agent's port (virtio-serial, a unix socket QEMU listens on), and the
+// shared directory <dir>/shared (mounts.ExportDir) over virtio-fs.
 func DomainFor(id, dir string, info resourceinfo.ResourceInfo, cfg Config) (*Domain, error) {
 	cfg = cfg.WithDefaults()
 	if id == "" {
@@ -649,10 +767,8 @@ func DomainFor(id, dir string, info resourceinfo.ResourceInfo, cfg Config) (*Dom
 	if cfg.ReadyPort != DefaultReadyPort {
 		cmd += " rss.port=" + cfg.ReadyPort
 	}
-	if r.PidLimit != nil && *r.PidLimit > 0 {
-		cmd += " rss.pids=" + strconv.FormatInt(*r.PidLimit, 10)
-	}
 	d.OS.Cmdline = cmd
+	d.MemoryBacking = &MemBacking{Source: &MemBackingSource{Type: "memfd"}, Access: &MemBackingAccess{Mode: "shared"}}
 
 	// devices
 	dev := &d.Devices
@@ -678,6 +794,14 @@ func DomainFor(id, dir string, info resourceinfo.ResourceInfo, cfg Config) (*Dom
 		disk.IOTune = io
 	}
 	dev.Disks = []Disk{disk}
+	dev.Filesystems = []Filesystem{{
+		Type:       "mount",
+		AccessMode: "passthrough",
+		Driver:     &FilesystemDriver{Type: "virtiofs", Queue: 1024},
+		Binary:     &FilesystemBinary{Path: cfg.VirtioFSD},
+		Source:     &FilesystemSource{Dir: filepath.Join(dir, mounts.ExportDir)},
+		Target:     &FilesystemTarget{Dir: cfg.SharedTag},
+	}}
 
 	switch cfg.Network {
 	case NetworkEthernet:
@@ -715,6 +839,10 @@ func DomainFor(id, dir string, info resourceinfo.ResourceInfo, cfg Config) (*Dom
 		Type:   "file",
 		Source: &CharDevSource{Path: filepath.Join(dir, ReadyFile)},
 		Target: &CharDevTarget{Type: "virtio", Name: cfg.ReadyPort},
+	}, {
+		Type:   "unix",
+		Source: &CharDevSource{Mode: "bind", Path: AgentSocketPath(dir, cfg.SocketDir)},
+		Target: &CharDevTarget{Type: "virtio", Name: cfg.AgentPort},
 	}}
 	dev.MemBalloon = &MemBalloon{Model: "virtio", Stats: &MemBalloonStats{Period: cfg.BalloonStatsPeriod}}
 	return d, nil

@@ -197,7 +197,7 @@ func TestSizeRules(t *testing.T) {
 			MemoryLimit: p(int64(256 * mib)), MemorySwapLimit: p(int64(128 * mib)),
 		}, vcpus: 1, maxVCPUs: 1, memKiB: 320 * 1024, maxKiB: 320 * 1024, hard: 576 * 1024, swap: 576 * 1024},
 		{name: "pids", r: resourceinfo.Resources{PidLimit: p(int64(1000))}, vcpus: 1, maxVCPUs: 1,
-			memKiB: 512 * 1024, maxKiB: 512 * 1024, cmdline: DefaultCmdline + " rss.pids=1000"},
+			memKiB: 512 * 1024, maxKiB: 512 * 1024}, // the guest's pod cgroup holds it, not the domain
 		{name: "custom port", cfg: func(c *Config) { c.ReadyPort = "x.y" }, vcpus: 1, maxVCPUs: 1,
 			memKiB: 512 * 1024, maxKiB: 512 * 1024, cmdline: DefaultCmdline + " rss.port=x.y"},
 	}
@@ -328,4 +328,25 @@ func val(m *Memory) uint64 {
 		return 0
 	}
 	return m.Value
+}
+
+func TestAgentSocketPath(t *testing.T) {
+	if got := AgentSocketPath("/var/lib/x/sb1", "/run/s"); got != "/var/lib/x/sb1/agent.sock" {
+		t.Errorf("short dir: %s", got)
+	}
+	deep := "/var/lib/kuasar-resource-vm/" + strings.Repeat("a", 64) + "/x"
+	got := AgentSocketPath(deep, "/run/s")
+	if !strings.HasPrefix(got, "/run/s/") || !strings.HasSuffix(got, ".sock") || len(got) > maxSocketPath {
+		t.Errorf("deep dir: %s", got)
+	}
+	if got == AgentSocketPath(deep+"y", "/run/s") {
+		t.Errorf("two deep dirs share a socket")
+	}
+	d, err := DomainFor("sb1", deep, resourceinfo.ResourceInfo{}, testConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if src := d.Devices.Channels[1].Source; src.Path != AgentSocketPath(deep, "/run/resource-slot-sandboxer/vm") || src.Mode != "bind" {
+		t.Errorf("agent channel %+v", src)
+	}
 }
