@@ -22,8 +22,8 @@ import (
 //   - root.path: the guest path of the rootfs the host mounted below the
 //     shared directory (mounts.GuestRoot/<id>/rootfs).
 //   - bind mounts: the source becomes the guest path of the host's bind
-//     below the shared directory (mounts.GuestRoot/<id>/mounts/<n>, n the
-//     index in spec.mounts); the options stay. A bind of /dev/shm becomes a
+//     below the shared directory (mounts.GuestRoot/<id>/mounts/<n> for the
+//     n-th shared bind); the options stay. A bind of /dev/shm becomes a
 //     tmpfs of the container's own (see guestShm): the pod's /dev/shm on the
 //     host would be host memory shared over virtio-fs. Other mounts (proc,
 //     sysfs, tmpfs, devpts, mqueue, cgroup) are made by the guest's runc as

@@ -37,7 +37,7 @@ func criSpec() *specs.Spec {
 			{Destination: "/data", Source: "/var/lib/kubelet/pods/p/volumes/v", Options: []string{"rbind", "ro", "nosuid"}},
 			{Destination: "/dev/termination-log", Type: "bind", Source: "/var/lib/kubelet/pods/p/containers/c/x", Options: []string{"bind", "rw"}},
 		},
-		Hooks: &specs.Hooks{Prestart: []specs.Hook{{Path: "/usr/bin/nvidia-container-runtime-hook"}}},
+		Hooks: &specs.Hooks{CreateRuntime: []specs.Hook{{Path: "/usr/bin/nvidia-container-runtime-hook"}}},
 		Linux: &specs.Linux{
 			CgroupsPath: "kubepods-besteffort-podp.slice:cri-containerd:c1",
 			MountLabel:  "system_u:object_r:container_file_t:s0",
