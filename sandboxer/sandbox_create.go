@@ -1,0 +1,146 @@
+package sandboxer
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+
+	"github.com/containerd/containerd/v2/core/sandbox"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/containerd/typeurl/v2"
+	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
+)
+
+// Create records a sandbox, extracts its resources and prepares it in the
+// backend. Nothing of it is left on disk when Create fails.
+func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...sandbox.CreateOpt) (retErr error) {
+	id := info.ID
+	if err := ValidateID("sandbox", id); err != nil {
+		return err
+	}
+	var o sandbox.CreateOptions
+	for _, opt := range opts {
+		if err := opt(&o); err != nil {
+			return fmt.Errorf("%w: %v", errdefs.ErrInvalidArgument, err)
+		}
+	}
+	cfg, err := podSandboxConfig(ctx, o.Options)
+	if err != nil {
+		return err
+	}
+	if err := validatePodConfig(cfg); err != nil {
+		return err
+	}
+	spec, err := resourceinfo.FromPodSandboxConfig(cfg)
+	if err != nil {
+		return err
+	}
+	annotations := cfg.GetAnnotations()
+	if len(annotations) == 0 && len(o.Annotations) > 0 {
+		// Not from CRI: read the resources from the request's annotations.
+		annotations = o.Annotations
+		if spec.Annotations, err = resourceinfo.FromAnnotations(annotations); err != nil {
+			return err
+		}
+	}
+	var cfgJSON json.RawMessage
+	if cfg != nil {
+		// encoding/json, not protojson: containerd's CRI decodes it so.
+		if cfgJSON, err = json.Marshal(cfg); err != nil {
+			return fmt.Errorf("encode pod sandbox config: %w", err)
+		}
+	}
+
+	sb := &sandboxEntry{id: id, dir: c.Dir(id), exited: make(chan struct{})}
+	sb.op.Lock()
+	defer sb.op.Unlock()
+	c.mu.Lock()
+	if _, ok := c.sandboxes[id]; ok {
+		c.mu.Unlock()
+		return fmt.Errorf("sandbox %s: %w", id, errdefs.ErrAlreadyExists)
+	}
+	c.sandboxes[id] = sb
+	c.mu.Unlock()
+	defer func() {
+		if retErr != nil {
+			sb.gone = true
+			c.forget(id, sb)
+		}
+	}()
+
+	if err := mkdirSandbox(sb.dir); err != nil {
+		return err
+	}
+	defer func() {
+		if retErr != nil {
+			if err := os.RemoveAll(sb.dir); err != nil {
+				log.G(ctx).WithError(err).Warn("remove directory of failed sandbox")
+			}
+		}
+	}()
+
+	st := &State{
+		Version:     stateVersion,
+		ID:          id,
+		Mode:        c.Mode(),
+		Phase:       PhaseCreated,
+		CreatedAt:   c.opts.Now().UTC(),
+		NetNSPath:   o.NetNSPath,
+		Annotations: annotations,
+		Config:      cfgJSON,
+		Spec:        spec,
+		Containers:  map[string]*Container{},
+	}
+	ri := st.ResourceInfo()
+	if err := c.opts.Admitter.Admit(ctx, id, ri.Resources); err != nil {
+		return err
+	}
+	defer func() {
+		if retErr != nil {
+			c.opts.Admitter.Release(id)
+		}
+	}()
+	if err := c.opts.Backend.Create(ctx, id, sb.dir, ri); err != nil {
+		return fmt.Errorf("%s backend: create sandbox %s: %w", c.Mode(), id, err)
+	}
+	defer func() {
+		if retErr != nil {
+			if err := c.opts.Backend.Delete(context.WithoutCancel(ctx), id); err != nil {
+				log.G(ctx).WithError(err).Warn("delete failed sandbox from backend")
+			}
+		}
+	}()
+	// Not synced (see commit): Start makes the sandbox durable.
+	if err := c.commit(sb, st); err != nil {
+		return err
+	}
+	logResources(ctx, "sandbox created", ri)
+	return nil
+}
+
+// podSandboxConfig decodes the CRI config containerd passes as options. A
+// caller other than CRI may pass nothing, or another type, which is not
+// an error: such a sandbox is sized from its annotations only.
+func podSandboxConfig(ctx context.Context, opts typeurl.Any) (*runtime.PodSandboxConfig, error) {
+	if opts == nil || opts.GetTypeUrl() == "" {
+		return nil, nil
+	}
+	v, err := typeurl.UnmarshalAny(opts)
+	if err != nil {
+		if typeurl.Is(opts, &runtime.PodSandboxConfig{}) {
+			return nil, fmt.Errorf("%w: malformed PodSandboxConfig in options: %v", errdefs.ErrInvalidArgument, err)
+		}
+		log.G(ctx).WithField("type", opts.GetTypeUrl()).Warn("ignoring sandbox options of unknown type")
+		return nil, nil
+	}
+	cfg, ok := v.(*runtime.PodSandboxConfig)
+	if !ok {
+		log.G(ctx).WithField("type", opts.GetTypeUrl()).Warn("ignoring sandbox options that are not a PodSandboxConfig")
+		return nil, nil
+	}
+	return cfg, nil
+}

@@ -1,0 +1,64 @@
+package sandboxer
+
+import (
+	"context"
+	"fmt"
+	goruntime "runtime"
+
+	"github.com/containerd/containerd/v2/core/sandbox"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	imagespec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
+)
+
+// Start runs a created sandbox and returns the task API address.
+func (c *Controller) Start(ctx context.Context, id string) (sandbox.ControllerInstance, error) {
+	sb, unlock, err := c.lock(id)
+	if err != nil {
+		return sandbox.ControllerInstance{}, err
+	}
+	defer unlock()
+	cur := sb.snap.Load().state
+	if cur.Phase != PhaseCreated {
+		return sandbox.ControllerInstance{}, fmt.Errorf("sandbox %s is %s, not created: %w", id, cur.Phase, errdefs.ErrFailedPrecondition)
+	}
+	pid, err := c.opts.Backend.Start(ctx, id, c.exitFunc(sb))
+	if err != nil {
+		return sandbox.ControllerInstance{}, fmt.Errorf("%s backend: start sandbox %s: %w", c.Mode(), id, err)
+	}
+	st := cur.clone()
+	now := c.opts.Now().UTC()
+	st.Phase, st.StartedAt, st.Pid = PhaseReady, &now, pid
+	st.Ledger.close(resourceinfo.Allocation{}, now, true)
+	// Create did not sync the sandbox's entry in the state dir (see
+	// commit): sync it before the first durable state.
+	err = c.syncRoot()
+	if err == nil {
+		err = c.commit(sb, st)
+	}
+	if err != nil {
+		if serr := c.opts.Backend.Stop(context.WithoutCancel(ctx), id, 0); serr != nil {
+			log.G(ctx).WithError(serr).Warn("stop sandbox whose start could not be saved")
+		}
+		return sandbox.ControllerInstance{}, err
+	}
+	log.G(ctx).WithField("pid", pid).Info("sandbox started")
+	return sandbox.ControllerInstance{
+		SandboxID: id,
+		Pid:       pid,
+		CreatedAt: st.CreatedAt,
+		Address:   c.opts.TaskAddress,
+		Version:   TaskAPIVersion,
+		Labels:    map[string]string{"mode": c.Mode()},
+	}, nil
+}
+
+// Platform is the platform the sandbox's containers run on.
+func (c *Controller) Platform(_ context.Context, id string) (imagespec.Platform, error) {
+	if _, err := c.get(id); err != nil {
+		return imagespec.Platform{}, err
+	}
+	return imagespec.Platform{OS: goruntime.GOOS, Architecture: goruntime.GOARCH}, nil
+}
