@@ -62,7 +62,6 @@ func Run(ctx context.Context, cfg config.Config, ready func()) error {
 	if _, err := ctrl.Recover(ctx); err != nil {
 		return fmt.Errorf("recover sandboxes: %w", err)
 	}
-	cleanupOrphans(ctx, backend, ctrl)
 	var events sandboxer.Publisher
 	if cfg.ContainerdAddress != "" {
 		if events, err = sandboxer.NewEventPublisher(cfg.ContainerdAddress); err != nil {
@@ -71,6 +70,8 @@ func Run(ctx context.Context, cfg config.Config, ready func()) error {
 	}
 	tasks := sandboxer.NewTasks(ctx, ctrl, cri.FilterEvents(events))
 	defer tasks.Close()
+	// After the containers were re-attached: what no record owns goes.
+	cleanupOrphans(ctx, backend, ctrl)
 	taskServer, err := sandboxer.NewTaskServer(tasks, ops.ttrpcOptions()...)
 	if err != nil {
 		return err

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -60,8 +61,10 @@ type proc struct {
 	p      backend.Process
 	io     backend.IO
 	copier *stdioCopier
-	// guarded by Backend.mu
-	exited bool
+	// guarded by Backend.mu: exited, known to have exited; detached, its
+	// stdio could not be reattached after a restart.
+	exited   bool
+	detached bool
 }
 
 // privateRecord is the backend's part of a container's record
@@ -558,47 +561,70 @@ func (c *containers) Recover(ctx context.Context, k *backend.Container) error {
 		rec.execs[id] = &proc{p: ep, io: e.IO, exited: e.Status == backend.StatusStopped}
 	}
 	c.b.mu.Lock()
-	g := sb.guest
 	if _, exists := sb.containers[p.ContainerID]; exists {
 		c.b.mu.Unlock()
 		return nil
 	}
 	sb.containers[p.ContainerID] = rec
+	gone := sb.gone
 	c.b.mu.Unlock()
 
-	if g == nil {
+	if gone {
 		// The VM is gone: its processes went with it.
 		for _, pr := range rec.procs() {
 			c.b.reportExit(pr, ExitWithSandbox, time.Now())
 		}
 		return nil
 	}
-	keepers := findKeepers(func(key string) bool {
-		return len(key) > len(p.SandboxID) && key[:len(p.SandboxID)+1] == p.SandboxID+"/"
-	})
-	for _, pr := range rec.procs() {
-		copier, err := c.b.startCopier(g, pr.p, pr.io, keepers[procKey(pr.p)], true)
+	// With the guest reachable (or being reconnected) the copiers start
+	// now; when the sandbox's recovery failed for a passing reason, once
+	// a later Recover of the sandbox finds it.
+	c.b.attachCopiers(ctx, sb)
+	return nil
+}
+
+// attachCopiers starts the stdio copiers of the recovered processes of a
+// sandbox whose guest is connected or reconnecting, with the keepers left
+// by the previous daemon, and reconciles their states with the guest's.
+func (b *Backend) attachCopiers(ctx context.Context, sb *sandbox) {
+	b.mu.Lock()
+	g := sb.guest
+	var todo []*proc
+	for _, pr := range sb.allProcs() {
+		if pr.copier == nil && !pr.detached {
+			todo = append(todo, pr)
+		}
+	}
+	b.mu.Unlock()
+	if g == nil || len(todo) == 0 {
+		return
+	}
+	keepers := findKeepers(func(key string) bool { return strings.HasPrefix(key, sb.id+"/") })
+	for _, pr := range todo {
+		copier, err := b.startCopier(g, pr.p, pr.io, keepers[procKey(pr.p)], true)
+		b.mu.Lock()
 		if err != nil {
 			// Without its FIFOs (containerd gone, files removed) the output
 			// has nowhere to go; the process itself is unaffected.
+			pr.detached = true
+		} else {
+			pr.copier = copier
+		}
+		b.mu.Unlock()
+		if err != nil {
 			log.G(ctx).WithError(err).WithField("process", procKey(pr.p)).Warn("cannot reattach the stdio of a vm container")
 			if pid := keepers[procKey(pr.p)]; pid != 0 {
 				killKeeper(procKey(pr.p), pid)
 			}
-			continue
 		}
-		c.b.mu.Lock()
-		pr.copier = copier
-		c.b.mu.Unlock()
 	}
 	if g.connected() {
-		c.b.wg.Add(1)
+		b.wg.Add(1)
 		go func() {
-			defer c.b.wg.Done()
-			c.b.reconcile(c.b.bgctx, sb)
+			defer b.wg.Done()
+			b.reconcile(b.bgctx, sb)
 		}()
 	}
-	return nil
 }
 
 // procs returns the container's processes, the init process last.

@@ -463,7 +463,8 @@ func TestContainerRecover(t *testing.T) {
 	assert.Empty(t, ms)
 }
 
-// Processes of a VM that stops under them are reported exited.
+// A VM that stops under its containers is reported as the sandbox's exit
+// (the controller ends its processes with it); their output ends.
 func TestSandboxCrashEndsContainers(t *testing.T) {
 	e := newUnitEnv(t)
 	ctx := context.Background()
@@ -477,10 +478,12 @@ func TestSandboxCrashEndsContainers(t *testing.T) {
 	_, err = e.ctrs.Start(ctx, c1)
 	require.NoError(t, err)
 	e.lv.stop(DomainName("rss-unit-", "sb1"), libvirt.DomainEventStoppedCrashed)
-	assert.Equal(t, ExitWithSandbox, e.ev.waitExit(t, c1))
-	out.waitEOF(t)
 	require.Eventually(t, func() bool { return len(exits.get()) == 1 }, 5*time.Second, 10*time.Millisecond)
 	assert.Equal(t, []uint32{ExitFailed}, exits.get())
+	out.waitEOF(t)
+	assert.Empty(t, e.ev.exitsOf(c1), "no process exit from the backend: the controller ends them with the sandbox")
+	err = e.ctrs.Signal(ctx, c1, syscall.SIGKILL, false)
+	assert.Error(t, err)
 	require.NoError(t, e.ctrs.Delete(ctx, c1), "delete after the VM is gone")
 }
 
@@ -720,4 +723,42 @@ func TestUsageFromTheGuest(t *testing.T) {
 	require.Contains(t, u.Containers, "c1")
 	assert.Equal(t, uint64(500_000), *u.Containers["c1"].CPUTimeNanos)
 	assert.Equal(t, uint64(5<<20), *u.Containers["c1"].MemoryUsage)
+}
+
+// A sandbox whose recovery fails for a passing reason keeps its
+// containers: they are not reported dead, and a later Recover reattaches
+// them.
+func TestRecoverTransientThenRetry(t *testing.T) {
+	e := newUnitEnv(t)
+	ctx := context.Background()
+	dir, agent, _ := e.sandbox("sb1")
+	io1 := t.TempDir()
+	out := readFIFO(t, io1, "stdout")
+	bdir, spec := bundle(t)
+	c1 := backend.Process{Namespace: "k8s.io", SandboxID: "sb1", ContainerID: "c1"}
+	created, err := e.ctrs.Create(ctx, &backend.Container{Process: c1, Bundle: bdir, Spec: spec, IO: backend.IO{Stdout: out.path}})
+	require.NoError(t, err)
+	_, err = e.ctrs.Start(ctx, c1)
+	require.NoError(t, err)
+	require.NoError(t, e.b.Close())
+
+	e.restart()
+	e.lv.failOnce("DomainLookupByName", libvirt.Error{Code: uint32(libvirt.ErrRPC), Message: "libvirtd restarting"})
+	nop := func(uint32, time.Time) {}
+	_, err = e.b.Recover(ctx, "sb1", dir, podInfo(), true, nop)
+	require.Error(t, err)
+	assert.False(t, errdefs.IsNotFound(err))
+	rec := &backend.Container{Process: c1, Bundle: bdir, IO: backend.IO{Stdout: out.path}, Private: created.Private, Status: backend.StatusRunning}
+	require.NoError(t, e.ctrs.Recover(ctx, rec))
+	time.Sleep(100 * time.Millisecond)
+	assert.Empty(t, e.ev.exitsOf(c1), "a passing failure is no death")
+
+	alive, err := e.b.Recover(ctx, "sb1", dir, podInfo(), true, nop)
+	require.NoError(t, err)
+	require.True(t, alive)
+	agent.print("c1", "", api.Stream_STDOUT, "after\n")
+	out.waitFor(t, "after\n")
+	agent.exit("c1", "", 0)
+	assert.Equal(t, uint32(0), e.ev.waitExit(t, c1))
+	out.waitEOF(t)
 }

@@ -103,6 +103,9 @@ type sandbox struct {
 	guest       *guestConn
 	guestCancel context.CancelFunc
 	containers  map[string]*ctr
+	// gone: Recover found the domain gone or stopped, so the recorded
+	// containers died with it.
+	gone bool
 
 	unenforced []string // guarded by Backend.mu
 	// previous CPU samples, for CPUPercent: the VM's and each container's
@@ -637,8 +640,14 @@ func (b *Backend) Cleanup(ctx context.Context, known map[string]bool) ([]string,
 		removed = append(removed, md.ID)
 	}
 	// What the known sandboxes hold for containers and processes that
-	// are not recorded.
+	// are not recorded; only once the containers were given back
+	// (Containers was called, and its caller recovers them first).
 	b.mu.Lock()
+	if b.events == nil {
+		b.mu.Unlock()
+		log.G(ctx).Warn("vm backend: Cleanup before the containers were recovered; not sweeping their mounts")
+		return removed, errors.Join(errs...)
+	}
 	var sbs []*sandbox
 	for _, sb := range b.sandboxes {
 		if known[sb.id] {

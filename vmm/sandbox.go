@@ -70,7 +70,7 @@ func (b *Backend) Start(ctx context.Context, id string, exited ExitFunc) (_ uint
 	}
 	_ = os.Remove(filepath.Join(sb.dir, ReadyFile))
 	b.mu.Lock()
-	sb.unenforced = nil
+	sb.unenforced, sb.gone = nil, false
 	sb.lastCPU, sb.lastAt = 0, time.Time{}
 	sb.lastCtr, sb.lastPod = nil, cpuSample{}
 	b.mu.Unlock()
@@ -161,13 +161,14 @@ func (b *Backend) startGuest(sb *sandbox) *guestConn {
 	return g
 }
 
-// guestGone ends the guest connection of a sandbox whose VM stopped, stops
-// its stdio copiers and reports its processes exited (what the guest did
-// not report before it stopped went with it).
+// guestGone ends the guest connection of a sandbox whose VM stopped and
+// stops its stdio copiers. Its processes went with it: they count as
+// exited here, and the controller records their end with the sandbox's
+// (a backend reports nothing from within a Sandboxes call).
 func (b *Backend) guestGone(sb *sandbox) {
 	b.mu.Lock()
 	cancel := sb.guestCancel
-	sb.guest, sb.guestCancel = nil, nil
+	sb.guest, sb.guestCancel, sb.gone = nil, nil, true
 	procs := sb.allProcs()
 	copiers := make([]*stdioCopier, len(procs))
 	for i, pr := range procs {
@@ -177,12 +178,16 @@ func (b *Backend) guestGone(sb *sandbox) {
 	if cancel != nil {
 		cancel()
 	}
-	for i, pr := range procs {
+	for i := range procs {
 		if copiers[i] != nil {
 			copiers[i].stop(0, true)
 		}
-		b.reportExit(pr, ExitWithSandbox, time.Now())
 	}
+	b.mu.Lock()
+	for _, pr := range procs {
+		pr.exited = true
+	}
+	b.mu.Unlock()
 }
 
 // guestAlive reports whether the sandbox's VM runs (it has a guest
@@ -589,10 +594,26 @@ func (b *Backend) Recover(ctx context.Context, id, dir string, info resourceinfo
 	if err != nil {
 		return false, err
 	}
+	// The record is kept whatever happens below, with its directory, so
+	// that the containers can be recovered and everything deleted later.
+	if old, err := b.get(id); err == nil {
+		// Recovered before (a retry): keep the record, with its containers.
+		b.mu.Lock()
+		old.info, old.live = sb.info, sb.live
+		b.mu.Unlock()
+		sb = old
+	} else {
+		b.put(sb)
+	}
+	gone := func(err error) (bool, error) {
+		b.mu.Lock()
+		sb.gone = true
+		b.mu.Unlock()
+		return false, err
+	}
 	dom, err := l.DomainLookupByName(sb.name)
 	if libvirt.IsNotFound(err) {
-		b.put(sb) // so that Delete cleans up what is left
-		return false, fmt.Errorf("vm sandbox %q has no domain %s: %w", id, sb.name, errdefs.ErrNotFound)
+		return gone(fmt.Errorf("vm sandbox %q has no domain %s: %w", id, sb.name, errdefs.ErrNotFound))
 	} else if err != nil {
 		return false, mapErr("look up domain "+sb.name, err)
 	}
@@ -601,14 +622,16 @@ func (b *Backend) Recover(ctx context.Context, id, dir string, info resourceinfo
 		return false, mapErr("metadata of domain "+sb.name, err)
 	}
 	if md == nil || md.ID != id {
-		return false, fmt.Errorf("domain %s does not belong to sandbox %q: %w", sb.name, id, errdefs.ErrNotFound)
+		return gone(fmt.Errorf("domain %s does not belong to sandbox %q: %w", sb.name, id, errdefs.ErrNotFound))
 	}
 	x, err := l.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive)
 	if err != nil {
 		return false, mapErr("read domain "+sb.name, err)
 	}
 	if d, err := ParseDomain(x); err == nil {
+		b.mu.Lock()
 		sb.def = d
+		b.mu.Unlock()
 	}
 	st, _, err := l.DomainGetState(dom, 0)
 	if err != nil {
@@ -616,19 +639,10 @@ func (b *Backend) Recover(ctx context.Context, id, dir string, info resourceinfo
 	}
 	alive := libvirt.DomainState(st) == libvirt.DomainRunning || libvirt.DomainState(st) == libvirt.DomainPaused ||
 		libvirt.DomainState(st) == libvirt.DomainBlocked
-	if old, err := b.get(id); err == nil {
-		// Recovered before (a retry): keep the record, with its containers.
-		b.mu.Lock()
-		old.info, old.def, old.live = sb.info, sb.def, sb.live
-		b.mu.Unlock()
-		sb = old
-	} else {
-		b.put(sb)
-	}
 	if !alive {
 		b.unshape(ctx, sb)
 		logger.WithField("expected_running", running).Info("vm sandbox domain is not running")
-		return false, nil
+		return gone(nil)
 	}
 	if !running {
 		logger.Warn("vm sandbox domain runs although the record says stopped")
@@ -636,8 +650,9 @@ func (b *Backend) Recover(ctx context.Context, id, dir string, info resourceinfo
 	b.shape(ctx, sb, info) // idempotent; restores shaping a crash may have cut short
 	b.startGuest(sb)
 	b.mu.Lock()
-	sb.exited, sb.watching = exited, true
+	sb.exited, sb.watching, sb.gone = exited, true, false
 	b.mu.Unlock()
+	b.attachCopiers(ctx, sb) // the containers recovered before a retry
 	b.poke()
 	logger.Info("vm sandbox recovered")
 	return true, nil
