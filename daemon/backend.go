@@ -31,6 +31,8 @@ func newBackend(ctx context.Context, cfg config.Config) (sandboxer.Backend, erro
 			MaxVCPUs:      v.MaxVCPUs,
 			MaxMemory:     int64(v.MaxMemory),
 			Network:       v.Network,
+			VirtioFSD:     v.VirtioFSD,
+			SocketDir:     v.SocketDir,
 		}, vmm.Options{ReadyTimeout: time.Duration(v.ReadyTimeout)})
 		if err != nil {
 			return nil, fmt.Errorf("vm backend: %w", err)

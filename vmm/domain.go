@@ -422,7 +422,8 @@ type Config struct {
 	Socket string
 	// GuestDir holds the guest built by scripts/build-guest.sh; Kernel,
 	// Initrd and BaseDisk default to files in it (vmlinux, falling back to
-	// vmlinuz; initramfs.cpio.gz; base.qcow2).
+	// vmlinuz; initramfs.img, falling back to initramfs.cpio.gz;
+	// base.qcow2).
 	GuestDir, Kernel, Initrd, BaseDisk string
 	// Emulator is the QEMU binary; empty lets libvirt choose.
 	Emulator string
@@ -497,7 +498,10 @@ func (c Config) WithDefaults() Config {
 		}
 	}
 	if c.Initrd == "" && c.GuestDir != "" {
-		c.Initrd = filepath.Join(c.GuestDir, "initramfs.cpio.gz")
+		c.Initrd = filepath.Join(c.GuestDir, "initramfs.img")
+		if !fileExists(c.Initrd) {
+			c.Initrd = filepath.Join(c.GuestDir, "initramfs.cpio.gz")
+		}
 	}
 	if c.BaseDisk == "" && c.GuestDir != "" {
 		c.BaseDisk = filepath.Join(c.GuestDir, "base.qcow2")
