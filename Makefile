@@ -8,8 +8,14 @@ GOTEST   ?= $(GO) test
 
 all: build
 
+# The guest agent runs in the VM's initramfs, which has no libc: static.
+GUEST_AGENT := ./cmd/rss-guest-agent
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+
 build:
-	$(GO) build -o $(BIN)/ ./cmd/...
+	$(GO) build -o $(BIN)/ $$($(GO) list ./cmd/... | grep -v '/cmd/rss-guest-agent$$')
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -buildid= -X main.version=$(VERSION)" \
+	  -o $(BIN)/rss-guest-agent $(GUEST_AGENT)
 
 # deps installs containerd 2.4.2, ctr, crictl and critest (idempotent).
 deps:
@@ -17,14 +23,15 @@ deps:
 	scripts/install-test-tools.sh
 
 # The vm backend: libvirtd and virtlogd (started without systemd) and the
-# guest (a Debian kernel and a busybox initramfs) in $(GUEST_DIR).
+# guest (a Debian kernel and an initramfs with the guest agent, runc and
+# busybox) in $(GUEST_DIR); rebuilt when the agent changes.
 GUEST_DIR ?= $(BIN)/guest
 
 vm-deps:
 	scripts/setup-libvirt.sh
 
-guest: vm-deps
-	scripts/build-guest.sh $(GUEST_DIR)
+guest: vm-deps build
+	GUEST_AGENT=$(BIN)/rss-guest-agent scripts/build-guest.sh $(GUEST_DIR)
 
 # proto regenerates the guest agent's API (agent/api) from agent.proto; the
 # generated files are committed, so only a change of the .proto needs it.
