@@ -73,7 +73,7 @@ func (r *recEvents) exitsOf(p backend.Process) []uint32 {
 
 func (r *recEvents) waitExit(t *testing.T, p backend.Process) uint32 {
 	t.Helper()
-	deadline := time.After(60 * time.Second)
+	deadline := time.After(180 * time.Second)
 	for {
 		if e := r.exitsOf(p); len(e) > 0 {
 			return e[0]

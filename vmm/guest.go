@@ -33,8 +33,10 @@ var (
 	// connectWait is how long a call waits for a guest that is not
 	// connected (a reconnection in the background).
 	connectWait = 10 * time.Second
-	// callTimeout bounds an ordinary call.
-	callTimeout = 30 * time.Second
+	// callTimeout bounds an ordinary call: kubelet's default
+	// runtime-request-timeout, since runc in a TCG guest on a busy host
+	// can take tens of seconds to start a process.
+	callTimeout = 2 * time.Minute
 	// pollWait is how long a long poll (Events, ReadStdio) waits in the
 	// guest; the call itself gets pollWait + callTimeout.
 	pollWait = 5 * time.Second

@@ -275,7 +275,7 @@ func (v *vmPod) container(cid string, args []string, opts ...oci.SpecOpts) *vmCt
 	hosts := filepath.Join(bdir, "hosts")
 	require.NoError(t, os.WriteFile(hosts, []byte("127.0.0.1 localhost "+cid+"\n"), 0o644))
 	opts = append([]oci.SpecOpts{
-		oci.WithProcessArgs(args...), oci.WithHostname("pod-" + v.id),
+		oci.WithProcessArgs(args...), oci.WithHostname("pod-" + v.id), oci.WithEnv([]string{"PATH=/bin:/usr/bin:/sbin"}),
 		oci.WithLinuxNamespace(specs.LinuxNamespace{Type: specs.IPCNamespace, Path: "/proc/1/ns/ipc"}),
 		oci.WithLinuxNamespace(specs.LinuxNamespace{Type: specs.UTSNamespace, Path: "/proc/1/ns/uts"}),
 		oci.WithMounts([]specs.Mount{{Destination: "/etc/hosts", Type: "bind", Source: hosts, Options: []string{"rbind", "ro"}}}),
