@@ -259,9 +259,15 @@ func TestVMContainers(t *testing.T) {
 	assert.Contains(t, version, "Linux version")
 	assert.NotContains(t, version, strings.TrimSpace(string(hostRelease)), "crictl exec runs in the guest's kernel")
 	t.Logf("crictl exec in the guest: %s", version)
-	tty, err := h.crictl("exec", "-t", burner, "sh", "-c", "tty; echo $TERM")
-	require.NoError(t, err)
-	assert.Contains(t, tty, "/dev/pts/", "crictl exec -t gets a terminal")
+	// crictl exec -it needs a terminal of its own: script(1) gives it one.
+	sock := "unix://" + filepath.Join(h.CtrdBase(), "containerd.sock")
+	cmd := exec.Command("script", "-qec", fmt.Sprintf("crictl --runtime-endpoint %s exec -it %s sh -c 'tty; echo rows $(stty size)'", sock, burner), "/dev/null")
+	cmd.Env = h.env()
+	cmd.Stdin = strings.NewReader("")
+	tty, err := cmd.CombinedOutput()
+	require.NoError(t, err, "%s", tty)
+	assert.Contains(t, string(tty), "/dev/pts/", "crictl exec -it gets a terminal in the guest")
+	t.Logf("crictl exec -it: %q", tty)
 	time.Sleep(2 * time.Second)
 	ctr, vm, avail := measureBurner(t, burner, domain, 6*time.Second)
 	assert.InDelta(t, 0.5, ctr, 0.1, "crictl stats of a burner held to 0.5 cores")
@@ -321,28 +327,62 @@ func TestVMContainers(t *testing.T) {
 	assert.InDelta(t, 0.25, ctr, 0.07, "the burner after crictl update --cpu-quota 25000")
 
 	// (e) The daemon restarts, killed and gracefully: the same containers
-	// run on, not restarted, and answer.
+	// run on, not restarted, and answer; what a ticker printed while the
+	// daemon was down reaches crictl logs after it.
+	ticker := vmContainer(t, id, podFile, "ticker", "i=0; while :; do i=$((i+1)); echo tick $i; sleep 1; done", nil)
+	ticks := func() []int {
+		out, _ := h.crictl("logs", ticker)
+		var n []int
+		for _, m := range regexp.MustCompile(`tick (\d+)`).FindAllStringSubmatch(out, -1) {
+			v, _ := strconv.Atoi(m[1])
+			n = append(n, v)
+		}
+		return n
+	}
+	eventually(t, "the ticker's first lines", func() bool { return len(ticks()) >= 2 })
 	st0, pid0 := inspectCtr(t, burner)
 	require.Equal(t, "CONTAINER_RUNNING", st0.State)
 	for _, sig := range []syscall.Signal{syscall.SIGKILL, syscall.SIGTERM} {
+		before := ticks()
+		last := before[len(before)-1]
 		require.NoError(t, stopDaemon(h.vm, sig))
+		time.Sleep(5 * time.Second) // the ticker prints on
 		require.NoError(t, h.startVM())
 		eventually(t, "containerd to reach the restarted daemon", func() bool {
 			out, err := h.crictl("exec", burner, "echo", "back")
 			return err == nil && out == "back"
 		})
-		st, pid := inspectCtr(t, burner)
-		assert.Equal(t, "CONTAINER_RUNNING", st.State, "after %v", sig)
-		assert.Equal(t, st0.Started, st.Started, "not restarted after %v", sig)
-		assert.Equal(t, pid0, pid, "the same process after %v", sig)
-		out := h.mustCrictl(t, "ps", "-q", "--pod", id)
-		assert.Equal(t, burner, strings.TrimSpace(out), "the same containers after %v", sig)
-		h.mustCrictl(t, "exec", burner, "sh", "-c", fmt.Sprintf("echo after %v > /proc/1/fd/1", sig))
-		eventually(t, "output after the restart in crictl logs", func() bool {
-			out, _ := h.crictl("logs", burner)
-			return strings.Contains(out, fmt.Sprintf("after %v", sig))
-		})
+		for _, c := range []string{burner, ticker} {
+			st, pid := inspectCtr(t, c)
+			assert.Equal(t, "CONTAINER_RUNNING", st.State, "after %v", sig)
+			if c == burner {
+				assert.Equal(t, st0.Started, st.Started, "not restarted after %v", sig)
+				assert.Equal(t, pid0, pid, "the same process after %v", sig)
+			}
+		}
+		ps := strings.Fields(h.mustCrictl(t, "ps", "-q", "--pod", id))
+		assert.ElementsMatch(t, []string{burner, ticker}, ps, "the same containers after %v", sig)
+		deadline := time.Now().Add(60 * time.Second)
+		for {
+			got := map[int]bool{}
+			for _, n := range ticks() {
+				got[n] = true
+			}
+			missing := 0
+			for n := last; n <= last+8; n++ {
+				if !got[n] {
+					missing++
+				}
+			}
+			if missing == 0 {
+				break
+			}
+			require.True(t, time.Now().Before(deadline), "after %v: ticks %d..%d not all in crictl logs: %v", sig, last, last+8, ticks())
+			time.Sleep(time.Second)
+		}
 	}
+	h.mustCrictl(t, "stop", "--timeout", "5", ticker)
+	h.mustCrictl(t, "rm", ticker)
 	h.mustCrictl(t, "stop", "--timeout", "5", burner)
 	st, _ := inspectCtr(t, burner)
 	assert.Equal(t, "CONTAINER_EXITED", st.State)

@@ -204,6 +204,7 @@ func TestSizeRules(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := testConfig()
+			cfg.DomainType = "kvm" // QEMU's own memory is QEMUOverhead alone; TCG's is TestQEMUOwnMemory's
 			if tc.cfg != nil {
 				tc.cfg(&cfg)
 			}
@@ -348,5 +349,36 @@ func TestAgentSocketPath(t *testing.T) {
 	}
 	if src := d.Devices.Channels[1].Source; src.Path != AgentSocketPath(deep, "/run/resource-slot-sandboxer/vm") || src.Mode != "bind" {
 		t.Errorf("agent channel %+v", src)
+	}
+}
+
+func TestQEMUOwnMemory(t *testing.T) {
+	r := resourceinfo.Resources{MemoryLimit: p(int64(256 * mib))}
+	for _, tc := range []struct {
+		desc    string
+		typ     string
+		images  int64
+		hardMiB uint64
+		tbCache bool
+	}{
+		{desc: "kvm: guest + QEMUOverhead", typ: "kvm", images: 70 * mib, hardMiB: 320 + 256},
+		{desc: "tcg: + translation cache + boot images", typ: "qemu", images: 70 * mib, hardMiB: 320 + 256 + 128 + 70, tbCache: true},
+	} {
+		t.Run(tc.desc, func(t *testing.T) {
+			cfg := testConfig()
+			cfg.DomainType, cfg.BootImages = tc.typ, tc.images
+			d, err := DomainFor("id", testDir, resourceinfo.ResourceInfo{Resources: r}, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := d.MemTune.HardLimit.Value; got != tc.hardMiB*1024 {
+				t.Errorf("hard_limit %d KiB, want %d MiB", got, tc.hardMiB)
+			}
+			if got := d.Features.TCG != nil; got != tc.tbCache {
+				t.Errorf("tcg tb-cache set: %v", got)
+			} else if got && d.Features.TCG.TBCache.Value != 128 {
+				t.Errorf("tb-cache %d MiB", d.Features.TCG.TBCache.Value)
+			}
+		})
 	}
 }

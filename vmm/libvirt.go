@@ -154,12 +154,17 @@ func newBackend(ctx context.Context, cfg Config, opts Options, dial func() (lvCl
 		socketDir := cfg.SocketDir
 		opts.Dialer = func(dir string) Dialer { return serialDialer(AgentSocketPath(dir, socketDir)) }
 	}
+	cfg.BootImages = 0
 	for _, f := range []struct{ name, path string }{{"kernel", cfg.Kernel}, {"initrd", cfg.Initrd}, {"base disk", cfg.BaseDisk}} {
 		if f.path == "" {
 			return nil, fmt.Errorf("vm backend: no guest %s configured (set GuestDir; see scripts/build-guest.sh): %w", f.name, errdefs.ErrInvalidArgument)
 		}
-		if _, err := os.Stat(f.path); err != nil {
+		fi, err := os.Stat(f.path)
+		if err != nil {
 			return nil, fmt.Errorf("vm backend: guest %s: %w: %w", f.name, err, errdefs.ErrNotFound)
+		}
+		if f.path != cfg.BaseDisk {
+			cfg.BootImages += fi.Size()
 		}
 	}
 	bgctx, cancel := context.WithCancel(context.WithoutCancel(ctx))

@@ -372,7 +372,8 @@ func TestVMSandbox(t *testing.T) {
 	assert.Equal(t, "150000", field(t, s, "global_quota"))
 	assert.Equal(t, "1024", field(t, s, "cpu_shares"))
 	m := virsh(t, "memtune", name)
-	assert.Equal(t, strconv.Itoa((320+256)*1024), field(t, m, "hard_limit"))
+	own := b.Config().qemuOwn() / kib
+	assert.Equal(t, strconv.FormatInt(320*1024+own, 10), field(t, m, "hard_limit"))
 	assert.Equal(t, strconv.Itoa(192*1024), field(t, m, "soft_limit"))
 	io := virsh(t, "blkdeviotune", name, DiskDev)
 	assert.Equal(t, "10485760", field(t, io, "read_bytes_sec"))
@@ -451,7 +452,7 @@ func TestVMSandbox(t *testing.T) {
 	info2.Resources.MemoryLimit = p(int64(192 * mib))
 	require.NoError(t, b.Update(ctx, id, info2))
 	assert.Equal(t, "50000", field(t, virsh(t, "schedinfo", name), "global_quota"))
-	assert.Equal(t, strconv.Itoa((256+256)*1024), field(t, virsh(t, "memtune", name), "hard_limit"))
+	assert.Equal(t, strconv.FormatInt(256*1024+own, 10), field(t, virsh(t, "memtune", name), "hard_limit"))
 	mustContain(t, "inactive xml after update", virsh(t, "dumpxml", "--inactive", name), "<global_quota>50000</global_quota>")
 	// More than the maximum fails and changes nothing.
 	info3 := info2
