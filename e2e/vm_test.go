@@ -16,6 +16,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
 
@@ -245,6 +246,12 @@ func TestVMContainers(t *testing.T) {
 	podFile := writeJSON(t, pod)
 	id := h.mustCrictl(t, "runp", "--runtime", "resource-vm", podFile)
 	defer h.removePod(t, id)
+	defer func() {
+		if t.Failed() { // the guest's side of the story
+			data, _ := os.ReadFile(filepath.Join(h.VMStateDir(), id, "console.log"))
+			t.Logf("guest console:\n%s", data)
+		}
+	}()
 	domain := vmDomain(t, id)
 
 	// (a) A burner with a 0.5-core quota that prints a line.
@@ -261,7 +268,7 @@ func TestVMContainers(t *testing.T) {
 	t.Logf("crictl exec in the guest: %s", version)
 	// crictl exec -it needs a terminal of its own: script(1) gives it one.
 	sock := "unix://" + filepath.Join(h.CtrdBase(), "containerd.sock")
-	cmd := exec.Command("script", "-qec", fmt.Sprintf("crictl --runtime-endpoint %s exec -it %s sh -c 'tty; echo rows $(stty size)'", sock, burner), "/dev/null")
+	cmd := exec.Command("script", "-qec", fmt.Sprintf("crictl --runtime-endpoint %s exec -it %s tty", sock, burner), "/dev/null")
 	cmd.Env = h.env()
 	cmd.Stdin = strings.NewReader("")
 	tty, err := cmd.CombinedOutput()
@@ -345,43 +352,7 @@ func TestVMContainers(t *testing.T) {
 	st0, pid0 := inspectCtr(t, burner)
 	require.Equal(t, "CONTAINER_RUNNING", st0.State)
 	for _, sig := range []syscall.Signal{syscall.SIGKILL, syscall.SIGTERM} {
-		before := ticks()
-		last := before[len(before)-1]
-		require.NoError(t, stopDaemon(h.vm, sig))
-		time.Sleep(5 * time.Second) // the ticker prints on
-		require.NoError(t, h.startVM())
-		eventually(t, "containerd to reach the restarted daemon", func() bool {
-			out, err := h.crictl("exec", burner, "echo", "back")
-			return err == nil && out == "back"
-		})
-		for _, c := range []string{burner, ticker} {
-			st, pid := inspectCtr(t, c)
-			assert.Equal(t, "CONTAINER_RUNNING", st.State, "after %v", sig)
-			if c == burner {
-				assert.Equal(t, st0.Started, st.Started, "not restarted after %v", sig)
-				assert.Equal(t, pid0, pid, "the same process after %v", sig)
-			}
-		}
-		ps := strings.Fields(h.mustCrictl(t, "ps", "-q", "--pod", id))
-		assert.ElementsMatch(t, []string{burner, ticker}, ps, "the same containers after %v", sig)
-		deadline := time.Now().Add(60 * time.Second)
-		for {
-			got := map[int]bool{}
-			for _, n := range ticks() {
-				got[n] = true
-			}
-			missing := 0
-			for n := last; n <= last+8; n++ {
-				if !got[n] {
-					missing++
-				}
-			}
-			if missing == 0 {
-				break
-			}
-			require.True(t, time.Now().Before(deadline), "after %v: ticks %d..%d not all in crictl logs: %v", sig, last, last+8, ticks())
-			time.Sleep(time.Second)
-		}
+		t.Run(unix.SignalName(sig), func(t *testing.T) { restartWithContainers(t, sig, id, burner, ticker, st0, pid0, ticks) })
 	}
 	h.mustCrictl(t, "stop", "--timeout", "5", ticker)
 	h.mustCrictl(t, "rm", ticker)
@@ -394,4 +365,47 @@ func TestVMContainers(t *testing.T) {
 func lastLine(s string) string {
 	lines := strings.Split(strings.TrimSpace(s), "\n")
 	return lines[len(lines)-1]
+}
+
+// restartWithContainers restarts the vm daemon with sig: the burner and
+// the ticker run on, not restarted, and what the ticker printed while the
+// daemon was down reaches crictl logs.
+func restartWithContainers(t *testing.T, sig syscall.Signal, id, burner, ticker string, st0 ctrStatus, pid0 int, ticks func() []int) {
+	before := ticks()
+	last := before[len(before)-1]
+	require.NoError(t, stopDaemon(h.vm, sig))
+	time.Sleep(5 * time.Second) // the ticker prints on
+	require.NoError(t, h.startVM())
+	eventually(t, "containerd to reach the restarted daemon", func() bool {
+		out, err := h.crictl("exec", burner, "echo", "back")
+		return err == nil && out == "back"
+	})
+	for _, c := range []string{burner, ticker} {
+		st, pid := inspectCtr(t, c)
+		assert.Equal(t, "CONTAINER_RUNNING", st.State, "after %v", sig)
+		if c == burner {
+			assert.Equal(t, st0.Started, st.Started, "not restarted after %v", sig)
+			assert.Equal(t, pid0, pid, "the same process after %v", sig)
+		}
+	}
+	ps := strings.Fields(h.mustCrictl(t, "ps", "-q", "--pod", id))
+	assert.ElementsMatch(t, []string{burner, ticker}, ps, "the same containers after %v", sig)
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		got := map[int]bool{}
+		for _, n := range ticks() {
+			got[n] = true
+		}
+		missing := 0
+		for n := last; n <= last+8; n++ {
+			if !got[n] {
+				missing++
+			}
+		}
+		if missing == 0 {
+			break
+		}
+		require.True(t, time.Now().Before(deadline), "after %v: ticks %d..%d not all in crictl logs: %v", sig, last, last+8, ticks())
+		time.Sleep(time.Second)
+	}
 }

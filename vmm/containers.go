@@ -572,7 +572,7 @@ func (c *containers) Recover(ctx context.Context, k *backend.Container) error {
 	if gone {
 		// The VM is gone: its processes went with it.
 		for _, pr := range rec.procs() {
-			c.b.reportExit(pr, ExitWithSandbox, time.Now())
+			c.b.reportExit(pr, ExitWithSandbox, time.Now(), "its VM is gone")
 		}
 		return nil
 	}
@@ -636,8 +636,9 @@ func (k *ctr) procs() []*proc {
 	return append(out, k.init)
 }
 
-// reportExit reports a process's exit once.
-func (b *Backend) reportExit(pr *proc, status uint32, at time.Time) {
+// reportExit reports a process's exit once; how says how the backend
+// learnt of it.
+func (b *Backend) reportExit(pr *proc, status uint32, at time.Time, how string) {
 	b.mu.Lock()
 	if pr.exited {
 		b.mu.Unlock()
@@ -646,6 +647,7 @@ func (b *Backend) reportExit(pr *proc, status uint32, at time.Time) {
 	pr.exited = true
 	ev := b.events
 	b.mu.Unlock()
+	log.L.WithField("process", procKey(pr.p)).WithField("exit_status", status).WithField("from", how).Debug("process exited in the guest")
 	if ev != nil {
 		ev.Exited(pr.p, status, at)
 	}
@@ -692,10 +694,10 @@ func (b *Backend) reconcile(ctx context.Context, sb *sandbox) {
 			if st.GetExitedAt() != nil {
 				at = st.GetExitedAt().AsTime()
 			}
-			b.reportExit(pr, st.GetExitStatus(), at)
+			b.reportExit(pr, st.GetExitStatus(), at, "its state")
 		case err != nil && errdefs.IsNotFound(errgrpcNative(err)):
 			log.G(ctx).WithField("process", procKey(pr.p)).Warn("the guest does not know a recorded process; reporting it exited")
-			b.reportExit(pr, exitUnknown, time.Now())
+			b.reportExit(pr, exitUnknown, time.Now(), "unknown to the guest")
 		case err != nil:
 			log.G(ctx).WithError(err).WithField("process", procKey(pr.p)).Debug("state of a process in the guest")
 		}
@@ -759,7 +761,7 @@ func (b *Backend) dispatch(ctx context.Context, sb *sandbox, e *api.Event) {
 		if ev.GetExitedAt() != nil {
 			at = ev.GetExitedAt().AsTime()
 		}
-		b.reportExit(pr, ev.GetExitStatus(), at)
+		b.reportExit(pr, ev.GetExitStatus(), at, fmt.Sprintf("event %d", e.GetSeq()))
 	case *events.TaskOOM:
 		pr := b.findProc(sb, ev.GetContainerID(), ev.GetContainerID())
 		if pr == nil {

@@ -795,6 +795,12 @@ func DomainFor(id, dir string, info resourceinfo.ResourceInfo, cfg Config) (*Dom
 	if cfg.ReadyPort != DefaultReadyPort {
 		cmd += " rss.port=" + cfg.ReadyPort
 	}
+	if cfg.AgentPort != DefaultAgentPort {
+		cmd += " rss.agent_port=" + cfg.AgentPort
+	}
+	if os.Getenv("RSS_GUEST_DEBUG") != "" {
+		cmd += " rss.debug=1" // the agent logs at debug level on the console
+	}
 	d.OS.Cmdline = cmd
 	d.MemoryBacking = &MemBacking{Source: &MemBackingSource{Type: "memfd"}, Access: &MemBackingAccess{Mode: "shared"}}
 
