@@ -124,14 +124,28 @@ type ExecRecord struct {
 	ExitedAt   *time.Time      `json:"exited_at"`
 }
 
-// ResourceInfo recomputes the effective resources from the state.
+// ResourceInfo recomputes the effective resources from the state. It first
+// records the containers present now in the pod's container history
+// (s.Spec.Pod), which kubelet's rules need once a container is gone (init
+// containers). Call it on a state no reader shares yet (change and commit
+// do, on their copy; so does recovery): the record is idempotent and
+// replaces s.Spec.Pod only when the history changed.
 func (s *State) ResourceInfo() resourceinfo.ResourceInfo {
 	var cs map[string]resourceinfo.Resources
+	obs := make(map[string]resourceinfo.Observed, len(s.Containers))
 	if len(s.Containers) > 0 {
 		cs = make(map[string]resourceinfo.Resources, len(s.Containers))
 		for id, c := range s.Containers {
 			cs[id] = c.Resources
+			o := resourceinfo.Observed{Resources: c.Resources}
+			if c.Task != nil && c.Task.Status == TaskStopped {
+				o.Exited, o.ExitStatus = true, c.Task.ExitStatus
+			}
+			obs[id] = o
 		}
+	}
+	if pod, changed := s.Spec.Pod.Observe(obs); changed {
+		s.Spec.Pod = pod
 	}
 	return resourceinfo.Compute(s.Spec, cs)
 }
