@@ -44,7 +44,7 @@ func needVM(t *testing.T) {
 var busyboxOnce sync.Once
 
 // importBusybox imports the busybox image into the private containerd once.
-func importBusybox(t *testing.T) {
+func importBusybox(t testing.TB) {
 	t.Helper()
 	var err error
 	var out string
