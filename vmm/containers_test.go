@@ -762,3 +762,29 @@ func TestRecoverTransientThenRetry(t *testing.T) {
 	assert.Equal(t, uint32(0), e.ev.waitExit(t, c1))
 	out.waitEOF(t)
 }
+
+// An agent that takes the shutdown but does not power off gets the ACPI
+// button, then the domain is destroyed at the timeout.
+func TestStopAgentThenACPIThenDestroy(t *testing.T) {
+	e := newUnitEnv(t)
+	ctx := context.Background()
+	name := DomainName("rss-unit-", "sb1")
+	_, agent, exits := e.sandbox("sb1")
+	agent.mu.Lock()
+	agent.onShut = nil // takes the request, never powers off
+	agent.mu.Unlock()
+	acpi := make(chan struct{}, 1)
+	e.lv.onShutdown = func(*fakeDom) { acpi <- struct{}{} } // ignored by the guest
+	t0 := time.Now()
+	require.NoError(t, e.b.Stop(ctx, "sb1", 800*time.Millisecond))
+	took := time.Since(t0)
+	select {
+	case <-acpi:
+	default:
+		t.Error("no ACPI press after the agent's shutdown did not power off")
+	}
+	assert.GreaterOrEqual(t, took, 800*time.Millisecond, "the guest had the whole timeout")
+	assert.Equal(t, libvirt.DomainShutoff, e.lv.get(name).state, "destroyed at the timeout")
+	time.Sleep(100 * time.Millisecond)
+	assert.Empty(t, exits.get(), "a Stop is no exit")
+}

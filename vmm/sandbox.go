@@ -236,9 +236,10 @@ func (b *Backend) waitReady(ctx context.Context, l lvClient, dom libvirt.Domain,
 }
 
 // Stop stops the sandbox: it asks the agent to shut the guest down (stop
-// every container, SIGKILL after part of the timeout, sync, power off),
-// presses the ACPI power button when the agent cannot be reached, and
-// destroys the domain once the timeout has passed. The sandbox's exit
+// every container, SIGKILL after half the timeout, sync, power off),
+// presses the ACPI power button when the agent cannot be reached or the
+// guest still runs three quarters into the timeout, and destroys the
+// domain once the timeout has passed. The sandbox's exit
 // watching ends only when the domain is known to be off: a Stop that
 // fails leaves a later crash to be reported.
 func (b *Backend) Stop(ctx context.Context, id string, timeout time.Duration) (retErr error) {
@@ -297,10 +298,18 @@ func (b *Backend) Stop(ctx context.Context, id string, timeout time.Duration) (r
 				}
 			}
 		}
-		if !graceful {
+		acpi := func() {
 			if err := l.DomainShutdown(dom); err != nil && !isNotRunning(err) {
-				logger.WithError(err).Warn("graceful shutdown failed; destroying")
+				logger.WithError(err).Warn("ACPI shutdown failed")
 			}
+		}
+		if !graceful {
+			acpi()
+		} else if !b.waitShutoff(ctx, l, dom, time.Until(deadline)-timeout/4) {
+			// The agent took the request but the guest still runs: the
+			// power button, for the rest of the timeout.
+			logger.Warn("guest still runs after the agent's shutdown; pressing the ACPI power button")
+			acpi()
 		}
 		if b.waitShutoff(ctx, l, dom, time.Until(deadline)) {
 			logger.WithField("graceful", graceful).Debug("vm sandbox shut down")
