@@ -33,6 +33,7 @@ func newBackend(ctx context.Context, cfg config.Config) (sandboxer.Backend, erro
 			Network:       v.Network,
 			VirtioFSD:     v.VirtioFSD,
 			SocketDir:     v.SocketDir,
+			Owner:         cfg.Dir,
 		}, vmm.Options{ReadyTimeout: time.Duration(v.ReadyTimeout)})
 		if err != nil {
 			return nil, fmt.Errorf("vm backend: %w", err)

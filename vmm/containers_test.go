@@ -788,3 +788,44 @@ func TestStopAgentThenACPIThenDestroy(t *testing.T) {
 	time.Sleep(100 * time.Millisecond)
 	assert.Empty(t, exits.get(), "a Stop is no exit")
 }
+
+// A Start that fails leaves nothing mounted.
+func TestStartFailureUnmounts(t *testing.T) {
+	e := newUnitEnv(t)
+	ctx := context.Background()
+	for _, fail := range []string{"DomainCreate", "DomainSetMemoryParameters"} {
+		t.Run(fail, func(t *testing.T) {
+			dir := t.TempDir()
+			id := "sb-" + strings.ToLower(fail)
+			require.NoError(t, e.b.Create(ctx, id, dir, podInfo()))
+			t.Cleanup(func() { _ = e.b.Delete(context.Background(), id) })
+			e.lv.failOnce(fail, libvirt.Error{Code: uint32(libvirt.ErrInternalError), Message: "boom"})
+			_, err := e.b.Start(ctx, id, func(uint32, time.Time) {})
+			require.Error(t, err)
+			ms, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
+			require.NoError(t, err)
+			assert.Empty(t, ms, "mounts left by a failed Start")
+		})
+	}
+}
+
+// Cleanup removes only the domains of its own daemon (owner), not those
+// of another daemon sharing the libvirtd.
+func TestCleanupOnlyOwnDomains(t *testing.T) {
+	e := newUnitEnv(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	require.NoError(t, e.b.Create(ctx, "mine", dir, podInfo()))
+	other := e.b.cfg
+	other.Owner = "/var/lib/another-daemon"
+	d, err := DomainFor("theirs", t.TempDir(), podInfo(), other)
+	require.NoError(t, err)
+	x, err := d.Marshal()
+	require.NoError(t, err)
+	_, err = e.lv.DomainDefineXML(x)
+	require.NoError(t, err)
+	removed, err := e.b.Cleanup(ctx, map[string]bool{})
+	require.NoError(t, err)
+	assert.Equal(t, []string{"mine"}, removed)
+	assert.NotNil(t, e.lv.get(DomainName("rss-unit-", "theirs")), "another daemon's domain is left alone")
+}

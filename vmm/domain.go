@@ -98,6 +98,9 @@ type Metadata struct {
 type SandboxMetadata struct {
 	ID  string `xml:"id"`
 	Dir string `xml:"dir"`
+	// Owner names the daemon (its state directory, Config.Owner) whose
+	// sandbox this is: Cleanup leaves other daemons' domains alone.
+	Owner string `xml:"owner,omitempty"`
 	// Tap is the host tap device, when the domain has one (tc shaping).
 	Tap string `xml:"tap,omitempty"`
 }
@@ -488,6 +491,10 @@ type Config struct {
 	BalloonStatsPeriod uint
 	// NamePrefix prefixes domain names (default "rss-").
 	NamePrefix string
+	// Owner names the daemon in the domains' metadata (its state
+	// directory): Cleanup removes only domains of the same owner, so
+	// daemons sharing a libvirtd leave each other's alone.
+	Owner string
 }
 
 // DefaultCmdline is the lean kernel command line the guest boots with.
@@ -718,8 +725,9 @@ func DomainFor(id, dir string, info resourceinfo.ResourceInfo, cfg Config) (*Dom
 		Type: cfg.DomainType,
 		Name: DomainName(cfg.NamePrefix, id),
 		Metadata: &Metadata{Sandbox: &SandboxMetadata{
-			ID:  id,
-			Dir: dir,
+			ID:    id,
+			Dir:   dir,
+			Owner: cfg.Owner,
 		}},
 		Memory:        Memory{Value: maxKiB, Unit: "KiB"},
 		CurrentMemory: &Memory{Value: memKiB, Unit: "KiB"},

@@ -590,7 +590,8 @@ func removeFiles(dir, socketDir string) {
 }
 
 // Cleanup destroys and undefines every domain that carries the
-// sandboxer's metadata and the name this backend gives it but whose sandbox id is not in
+// sandboxer's metadata with this backend's owner and the name this backend
+// gives it but whose sandbox id is not in
 // known, unmounts and removes its files and ifb device, and returns the
 // ids it removed. Domains without our metadata are never touched. For the
 // known sandboxes it unmounts what no recorded container owns and ends
@@ -612,7 +613,7 @@ func (b *Backend) Cleanup(ctx context.Context, known map[string]bool) ([]string,
 		md, err := domainMetadata(l, dom)
 		// Only our own domains: another daemon (another prefix) may share
 		// this libvirtd.
-		if err != nil || md == nil || known[md.ID] || dom.Name != DomainName(b.cfg.NamePrefix, md.ID) {
+		if err != nil || md == nil || known[md.ID] || dom.Name != DomainName(b.cfg.NamePrefix, md.ID) || md.Owner != b.cfg.Owner {
 			continue
 		}
 		log.G(ctx).WithField("sandbox", md.ID).WithField("domain", dom.Name).Info("removing domain of unknown sandbox")

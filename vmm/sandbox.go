@@ -63,6 +63,13 @@ func (b *Backend) Start(ctx context.Context, id string, exited ExitFunc) (_ uint
 	if err := mounts.Setup(sb.dir); err != nil {
 		return 0, fmt.Errorf("vm sandbox %q: %w", id, err)
 	}
+	defer func() {
+		if retErr != nil {
+			if err := mounts.Teardown(sb.dir); err != nil {
+				log.G(ctx).WithError(err).WithField("sandbox", id).Warn("unmount the shared directory of a sandbox that failed to start")
+			}
+		}
+	}()
 	if sock := AgentSocketPath(sb.dir, b.cfg.SocketDir); filepath.Dir(sock) != sb.dir {
 		if err := os.MkdirAll(filepath.Dir(sock), 0o700); err != nil {
 			return 0, fmt.Errorf("vm sandbox %q: agent socket dir: %w", id, err)
