@@ -92,6 +92,8 @@ func sharedBinds(s *specs.Spec) ([]mounts.Bind, []int) {
 			switch o {
 			case "ro":
 				b.ReadOnly = true
+			case "rro":
+				b.RecursiveReadOnly = true
 			case "rw":
 				b.ReadOnly = false
 			case "rbind":

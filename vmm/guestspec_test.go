@@ -192,3 +192,9 @@ func TestGuestRuncOptions(t *testing.T) {
 	assert.True(t, o.NoPivotRoot, "the guest's rootfs is an initramfs")
 	assert.False(t, o.SystemdCgroup)
 }
+
+func TestSharedBindsRecursiveReadOnly(t *testing.T) {
+	s := &specs.Spec{Mounts: []specs.Mount{{Destination: "/data", Type: "bind", Source: "/v", Options: []string{"rbind", "rro"}}}}
+	binds, _ := sharedBinds(s)
+	assert.Equal(t, []mounts.Bind{{Source: "/v", Recursive: true, RecursiveReadOnly: true}}, binds)
+}

@@ -72,8 +72,11 @@ type Bind struct {
 	Source string
 	// ReadOnly, NoSuid, NoDev and NoExec are the mount's flags, applied on
 	// the host too, so the guest cannot write through a read-only bind
-	// even as root.
+	// even as root. As with mount(2) they apply to the bind itself, not to
+	// the submounts an rbind carries, unless RecursiveReadOnly (the OCI
+	// "rro" option) makes them all read-only.
 	ReadOnly, NoSuid, NoDev, NoExec bool
+	RecursiveReadOnly               bool
 	// Recursive binds the submounts of Source too (rbind).
 	Recursive bool
 }
@@ -441,7 +444,7 @@ func bindAt(b Bind, target *os.File) error {
 	}
 	defer unix.Close(fd)
 	var attr uint64
-	if b.ReadOnly {
+	if b.ReadOnly || b.RecursiveReadOnly {
 		attr |= unix.MOUNT_ATTR_RDONLY
 	}
 	if b.NoSuid {
@@ -454,12 +457,13 @@ func bindAt(b Bind, target *os.File) error {
 		attr |= unix.MOUNT_ATTR_NOEXEC
 	}
 	if attr != 0 {
-		sflags := uint(unix.AT_EMPTY_PATH)
-		if b.Recursive {
-			sflags |= unix.AT_RECURSIVE
-		}
-		if err := unix.MountSetattr(fd, "", sflags, &unix.MountAttr{Attr_set: attr}); err != nil {
+		if err := unix.MountSetattr(fd, "", unix.AT_EMPTY_PATH, &unix.MountAttr{Attr_set: attr}); err != nil {
 			return fmt.Errorf("mount_setattr %s: %w", b.Source, err)
+		}
+		if b.RecursiveReadOnly && b.Recursive {
+			if err := unix.MountSetattr(fd, "", unix.AT_EMPTY_PATH|unix.AT_RECURSIVE, &unix.MountAttr{Attr_set: unix.MOUNT_ATTR_RDONLY}); err != nil {
+				return fmt.Errorf("mount_setattr %s (recursive read-only): %w", b.Source, err)
+			}
 		}
 	}
 	if err := unix.MoveMount(fd, "", int(target.Fd()), "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH); err != nil {

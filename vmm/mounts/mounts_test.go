@@ -152,11 +152,23 @@ func TestAddRemoveContainer(t *testing.T) {
 		{Source: roDir, ReadOnly: true},
 		{Source: rwFile},
 		{Source: tree, Recursive: true, NoExec: true},
+		{Source: tree, Recursive: true, ReadOnly: true},
+		{Source: tree, Recursive: true, RecursiveReadOnly: true},
 	})
 	require.NoError(t, err)
 	assert.Equal(t, filepath.Join(work, "c1", "rootfs"), p.HostRootfs)
 	assert.Equal(t, "/run/rss/shared/c1/rootfs", p.GuestRootfs)
-	assert.Equal(t, []string{"/run/rss/shared/c1/mounts/0", "/run/rss/shared/c1/mounts/1", "/run/rss/shared/c1/mounts/2"}, p.GuestBinds)
+	assert.Len(t, p.GuestBinds, 5)
+	assert.Equal(t, []string{"/run/rss/shared/c1/mounts/0", "/run/rss/shared/c1/mounts/1", "/run/rss/shared/c1/mounts/2"}, p.GuestBinds[:3])
+
+	// "ro" makes the bind read-only, not the submounts it carries; "rro"
+	// makes them all read-only (as in the guest's runc).
+	for i, wantSubRO := range map[int]bool{3: false, 4: true} {
+		err := os.WriteFile(filepath.Join(export, "c1", "mounts", strconv.Itoa(i), "g"), nil, 0o644)
+		assert.True(t, errors.Is(err, syscall.EROFS), "the bind %d itself is read-only: %v", i, err)
+		err = os.WriteFile(filepath.Join(export, "c1", "mounts", strconv.Itoa(i), "sub", "g"), nil, 0o644)
+		assert.Equal(t, wantSubRO, errors.Is(err, syscall.EROFS), "the submount of bind %d: %v", i, err)
+	}
 
 	// The rootfs is writable through the export (a mount of its own).
 	require.NoError(t, os.WriteFile(filepath.Join(export, "c1", "rootfs", "hello"), []byte("hi"), 0o644))
