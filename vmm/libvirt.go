@@ -167,6 +167,9 @@ func newBackend(ctx context.Context, cfg Config, opts Options, dial func() (lvCl
 			cfg.BootImages += fi.Size()
 		}
 	}
+	// Whole MiB: the kernel rounds memory limits to pages, libvirt
+	// reports what it set.
+	cfg.BootImages = (cfg.BootImages + mib - 1) / mib * mib
 	bgctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	b := &Backend{
 		cfg:       cfg,
