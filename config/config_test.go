@@ -35,6 +35,7 @@ func TestDefault(t *testing.T) {
 			LibvirtSocket: "/var/run/libvirt/libvirt-sock", GuestDir: DefaultGuestDir, Accel: "auto",
 			DefaultVCPUs: 1, DefaultMemory: 512 << 20, GuestOverhead: 64 << 20, QEMUOverhead: 256 << 20,
 			Network: "ethernet", ReadyTimeout: Duration(time.Minute),
+			VirtioFSD: "/usr/lib/qemu/virtiofsd", SocketDir: "/run/resource-slot-sandboxer/vm",
 		},
 	}, cfg)
 	assert.Equal(t, "/run/resource-slot-sandboxer-task.sock", cfg.TaskSocketPath())

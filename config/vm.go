@@ -34,8 +34,15 @@ type VM struct {
 	// Network is "ethernet" (a tap per VM, shaped with tc), "user" or
 	// "none" (network limits are then reported unenforced).
 	Network string `toml:"network"`
-	// ReadyTimeout bounds a Start's wait for the guest to report ready.
+	// ReadyTimeout bounds a Start's wait for the guest to report ready
+	// and for its agent's first answer.
 	ReadyTimeout Duration `toml:"ready_timeout"`
+	// VirtioFSD is the virtiofsd libvirt starts for a sandbox's shared
+	// directory (the containers' rootfs and volumes).
+	VirtioFSD string `toml:"virtiofsd"`
+	// SocketDir holds the host ends of the agents' virtio-serial ports of
+	// sandboxes whose directory is too deep for a unix socket path.
+	SocketDir string `toml:"socket_dir"`
 }
 
 func defaultVM() VM {
@@ -49,6 +56,8 @@ func defaultVM() VM {
 		QEMUOverhead:  256 << 20,
 		Network:       "ethernet",
 		ReadyTimeout:  Duration(60 * time.Second),
+		VirtioFSD:     "/usr/lib/qemu/virtiofsd",
+		SocketDir:     "/run/resource-slot-sandboxer/vm",
 	}
 }
 
@@ -57,7 +66,8 @@ func (v VM) validate() []error {
 	bad := func(key, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("vm."+key+": "+format, args...))
 	}
-	for _, p := range []struct{ key, path string }{{"libvirt_socket", v.LibvirtSocket}, {"guest_dir", v.GuestDir}} {
+	for _, p := range []struct{ key, path string }{{"libvirt_socket", v.LibvirtSocket}, {"guest_dir", v.GuestDir},
+		{"virtiofsd", v.VirtioFSD}, {"socket_dir", v.SocketDir}} {
 		if !filepath.IsAbs(p.path) {
 			bad(p.key, "%q must be an absolute path", p.path)
 		}

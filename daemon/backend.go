@@ -7,7 +7,6 @@ import (
 
 	"github.com/containerd/log"
 
-	"github.com/kuasar-io/resource-slot-sandboxer/backend"
 	"github.com/kuasar-io/resource-slot-sandboxer/config"
 	"github.com/kuasar-io/resource-slot-sandboxer/sandboxer"
 	"github.com/kuasar-io/resource-slot-sandboxer/slot"
@@ -32,32 +31,25 @@ func newBackend(ctx context.Context, cfg config.Config) (sandboxer.Backend, erro
 			MaxVCPUs:      v.MaxVCPUs,
 			MaxMemory:     int64(v.MaxMemory),
 			Network:       v.Network,
+			VirtioFSD:     v.VirtioFSD,
+			SocketDir:     v.SocketDir,
+			Owner:         cfg.Dir,
 		}, vmm.Options{ReadyTimeout: time.Duration(v.ReadyTimeout)})
 		if err != nil {
 			return nil, fmt.Errorf("vm backend: %w", err)
 		}
-		// TRANSITIONAL: until the vm backend runs containers in its guest,
-		// its containers are the slot simulation's.
-		return vmWithSimulatedContainers{b, slot.New()}, nil
+		return b, nil
 	default:
 		return nil, fmt.Errorf("unknown mode %q", cfg.Mode)
 	}
 }
 
-// vmWithSimulatedContainers is TRANSITIONAL: the vm backend's sandboxes
-// with the slot simulation's containers.
-type vmWithSimulatedContainers struct {
-	*vmm.Backend
-	sim *slot.Backend
-}
-
-func (b vmWithSimulatedContainers) Containers(ev backend.Events) backend.Containers {
-	return b.sim.Containers(ev)
-}
-
 // cleanupOrphans removes what the backend holds for sandboxes that the
 // recovered state does not know (a crash between the backend's create and
-// the state's commit, or a removed state directory).
+// the state's commit, or a removed state directory), and what the known
+// sandboxes hold for containers no record owns. Call it once the
+// containers were re-attached too (NewTasks): the vm backend unmounts the
+// files of every container it was not given back.
 func cleanupOrphans(ctx context.Context, b sandboxer.Backend, ctrl *sandboxer.Controller) {
 	known := map[string]bool{}
 	for _, v := range ctrl.List() {

@@ -68,7 +68,6 @@ func Run(ctx context.Context, cfg config.Config, ready func()) error {
 	if _, err := ctrl.Recover(ctx); err != nil {
 		return fmt.Errorf("recover sandboxes: %w", err)
 	}
-	cleanupOrphans(ctx, backend, ctrl)
 	// Task events are queued and forwarded by one goroutine: no call
 	// waits for containerd (restarting, or at a wrong address).
 	var events sandboxer.Publisher
@@ -77,6 +76,8 @@ func Run(ctx context.Context, cfg config.Config, ready func()) error {
 	}
 	tasks := sandboxer.NewTasks(ctx, ctrl, cri.FilterEvents(events))
 	defer tasks.Close()
+	// After the containers were re-attached: what no record owns goes.
+	cleanupOrphans(ctx, backend, ctrl)
 	taskServer, err := sandboxer.NewTaskServer(tasks, ops.ttrpcOptions()...)
 	if err != nil {
 		return err

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # build-guest.sh OUTDIR: build the sandbox guest of the vm backend from
-# Debian packages only.
+# Debian packages and the guest agent.
 #
 # Outputs (in OUTDIR):
 #   vmlinuz             the Debian cloud kernel (linux-image-cloud-amd64)
@@ -8,44 +8,74 @@
 #                       QEMU boots it directly, skipping the real-mode setup
 #                       and the in-guest decompressor (~0.4 s under TCG).
 #                       The vm backend prefers it over vmlinuz.
-#   initramfs.cpio.gz   busybox-static + virtio/ACPI modules + /init
+#   initramfs.img       the guest agent as /init, Debian's runc with its
+#                       libraries, busybox-static (acpid, debugging) and the
+#                       virtio/virtio-fs/overlay/ACPI modules; an lz4
+#                       (legacy format) cpio, which boots faster than gzip
+#                       under TCG (GUEST_COMPRESS=gzip|none to change it)
+#   initramfs.cpio.gz   a symlink to initramfs.img, for domains defined
+#                       before the rename (the kernel detects the format)
 #   base.qcow2          a 64 MiB empty qcow2 each sandbox overlays
 #   guest.version       what the outputs were built from
 #
-# The guest's /init (see the heredoc below) reads from the kernel command
-# line:
-#   rss.pids=N     pids.max of the cgroup v2 "sandbox" group every process
-#                  init starts is put in (init itself stays in the root).
-#   rss.burn=N     start N busy loops (tests: CPU quota enforcement).
-#   rss.forktest=1 once ready, fork sleepers in the sandbox group until the
-#                  kernel refuses, print "rss: forktest forked=N
-#                  pids.max=M refused=yes|no" and kill them (tests: the pid
-#                  limit is enforced, not just configured).
-#   rss.port=NAME  virtio-serial port name to announce readiness on
-#                  (default org.kuasar.rss.ready).
-#   rss.debug=1    acpid logs to the console.
-# When ready it writes "READY" to that port and to the serial console. An
-# ACPI power button press (virsh shutdown) powers the guest off via busybox
-# acpid, so the host's graceful stop works.
+# The agent (cmd/rss-guest-agent, built here with CGO_ENABLED=0 unless
+# GUEST_AGENT names a binary) is PID 1: it mounts /proc, /sys, /dev, cgroup2,
+# loads the modules, reaps, starts busybox acpid, serves the host on the
+# virtio-serial port org.kuasar.rss.agent and writes READY to the port
+# org.kuasar.rss.ready and the console. Kernel command line:
+#   rss.pids=N         pids.max of the pod cgroup (/sys/fs/cgroup/pod) from
+#                      boot on
+#   rss.port=NAME      the port READY goes to (default org.kuasar.rss.ready)
+#   rss.agent_port=NAME the agent's port (default org.kuasar.rss.agent)
+#   rss.vsock_port=N   also serve on vsock port N where /dev/vsock exists
+#                      (default 1024)
+#   rss.debug=1        debug logs; acpid logs to the console
+# An ACPI power button press (virsh shutdown) runs acpid's
+# /etc/acpi/PWRF/00000080, which asks the agent to stop: SIGTERM to every
+# container, SIGKILL after 5 s, sync, power off.
 #
-# Idempotent: when all outputs exist and were built from the same inputs,
-# it returns at once. Set FORCE=1 to rebuild. Needs apt-get (run
-# `apt-get update` once on a fresh machine); does not need root except for
-# apt's cache.
+# Idempotent: when all outputs exist and were built from the same inputs
+# (this script and the agent binary), it returns at once. Set FORCE=1 to
+# rebuild. Needs apt-get (run `apt-get update` once on a fresh machine) and
+# go (unless GUEST_AGENT is set); does not need root except for apt's cache.
 set -euo pipefail
 
 OUT=${1:?usage: build-guest.sh OUTDIR}
 KPKG=${GUEST_KERNEL_PACKAGE:-linux-image-cloud-amd64}
 BBPKG=busybox-static
+COMPRESS=${GUEST_COMPRESS:-lz4}
 SELF_SUM=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 log() { printf 'build-guest: %s\n' "$*" >&2; }
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
-if [[ -z ${FORCE:-} && -s $OUT/vmlinuz && -s $OUT/initramfs.cpio.gz && -s $OUT/base.qcow2 &&
-	-s $OUT/guest.version ]] && grep -qx "script=$SELF_SUM" "$OUT/guest.version"; then
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# The agent: a static binary (the initramfs has no libc for it).
+agent=${GUEST_AGENT:-}
+if [[ -z $agent ]]; then
+	command -v go >/dev/null || {
+		log "missing go (or set GUEST_AGENT to a built rss-guest-agent)"
+		exit 1
+	}
+	ver=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo dev)
+	(cd "$REPO" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -buildid= -X main.version=$ver" \
+		-o "$work/rss-guest-agent" ./cmd/rss-guest-agent)
+	agent=$work/rss-guest-agent
+fi
+[[ -x $agent ]] || {
+	log "agent binary $agent is not executable"
+	exit 1
+}
+AGENT_SUM=$(sha256sum "$agent" | cut -c1-16)
+
+if [[ -z ${FORCE:-} && -s $OUT/vmlinuz && -s $OUT/initramfs.img && -s $OUT/base.qcow2 &&
+	-s $OUT/guest.version ]] && grep -qx "script=$SELF_SUM" "$OUT/guest.version" &&
+	grep -qx "agent=$AGENT_SUM" "$OUT/guest.version" && grep -qx "compress=$COMPRESS" "$OUT/guest.version"; then
 	log "up to date: $OUT"
 	exit 0
 fi
@@ -53,15 +83,12 @@ fi
 if ! command -v lz4 >/dev/null && [[ $(id -u) -eq 0 ]]; then
 	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends lz4 xz-utils zstd >/dev/null
 fi
-for t in apt-get apt-cache dpkg-deb qemu-img gzip; do
+for t in apt-get apt-cache dpkg-deb qemu-img gzip ldd; do
 	command -v "$t" >/dev/null || {
 		log "missing $t (qemu-img: run scripts/setup-libvirt.sh)"
 		exit 1
 	}
 done
-
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
 
 # Resolve the meta package (linux-image-cloud-amd64) to the versioned image.
 kimg=$KPKG
@@ -78,12 +105,18 @@ if [[ $KPKG != linux-image-[0-9]* ]]; then
 	fi
 fi
 log "kernel package: $kimg"
-(cd "$work" && apt-get download "$kimg" "$BBPKG" >/dev/null 2>&1) || {
+# runc with the libraries it links (libseccomp2, libc6): taken from their
+# packages, not from the host.
+RTPKGS=(runc libseccomp2 libc6)
+(cd "$work" && apt-get download "$kimg" "$BBPKG" "${RTPKGS[@]}" >/dev/null 2>&1) || {
 	apt-get update >/dev/null
-	(cd "$work" && apt-get download "$kimg" "$BBPKG" >/dev/null)
+	(cd "$work" && apt-get download "$kimg" "$BBPKG" "${RTPKGS[@]}" >/dev/null)
 }
 dpkg-deb -x "$work"/linux-image-*.deb "$work/k"
 dpkg-deb -x "$work"/busybox-static_*.deb "$work/bb"
+for p in "${RTPKGS[@]}"; do
+	dpkg-deb -x "$work/${p}"_*.deb "$work/rt"
+done
 kver=$(ls "$work/k/lib/modules")
 moddir=$work/k/lib/modules/$kver
 bb=$work/bb/bin/busybox
@@ -139,20 +172,66 @@ resolve() {
 	done
 	order+=("$m")
 }
-for m in virtio_pci virtio_console virtio_blk virtio_net virtio_balloon button evdev; do
+# Two lists: what the agent needs before READY (its virtio-serial port),
+# loaded at boot (lib/modules/load.order), and the rest, loaded right
+# after READY (lib/modules/load.later): the disk, net and balloon drivers,
+# virtiofs (and fuse) for the shared directory, overlay for container
+# filesystems made in the guest, the vsock transport for hosts with
+# vhost-vsock, button and evdev for acpid.
+for m in virtio_pci virtio_console; do
 	resolve "$m"
 done
-log "modules: ${order[*]}"
+nboot=${#order[@]}
+for m in virtio_blk virtio_net virtio_balloon virtiofs fuse overlay vmw_vsock_virtio_transport button evdev; do
+	resolve "$m"
+done
+log "modules: ${order[*]:0:nboot} (boot); ${order[*]:nboot} (after READY)"
 
 # --- initramfs tree --------------------------------------------------------
 root=$work/root
-mkdir -p "$root"/{bin,sbin,dev,proc,sys,run,tmp,etc/acpi/PWRF,lib/modules,sys/fs/cgroup}
+mkdir -p "$root"/{bin,sbin,usr/sbin,dev,proc,sys,run,tmp,etc/acpi/PWRF,lib/modules,lib64,sys/fs/cgroup}
 cp "$bb" "$root/bin/busybox"
 for a in $("$bb" --list); do
 	[[ $a == busybox ]] && continue
 	ln -sf busybox "$root/bin/$a"
 done
+install -m 0755 "$agent" "$root/sbin/rss-guest-agent"
+ln -s sbin/rss-guest-agent "$root/init"
+echo "root:x:0:0:root:/:/bin/sh" >"$root/etc/passwd"
+echo "root:x:0:" >"$root/etc/group"
+
+# runc and what it links, found by ldd against the packages' libraries;
+# the loader goes where runc's PT_INTERP names it.
+install -m 0755 "$work/rt/usr/sbin/runc" "$root/usr/sbin/runc"
+libpath=$work/rt/lib/x86_64-linux-gnu:$work/rt/usr/lib/x86_64-linux-gnu
+while read -r name arrow path _; do
+	if [[ $arrow != "=>" ]]; then
+		path=$name # the loader: "/lib64/ld-linux-x86-64.so.2 (0x...)"
+		name=$(basename "$path")
+	fi
+	[[ $path == /* ]] || continue
+	case $name in
+	linux-vdso.so.*) continue ;;
+	ld-linux*)
+		src=$work/rt/lib/x86_64-linux-gnu/$name
+		[[ -e $src ]] || src=$path
+		cp -L "$src" "$root/lib64/$name"
+		;;
+	*)
+		mkdir -p "$root/lib/x86_64-linux-gnu"
+		cp -L "$path" "$root/lib/x86_64-linux-gnu/$name"
+		;;
+	esac
+done < <(LD_LIBRARY_PATH=$libpath ldd "$root/usr/sbin/runc" | grep -v 'not a dynamic')
+if LD_LIBRARY_PATH=$libpath ldd "$root/usr/sbin/runc" | grep -q 'not found'; then
+	log "runc needs libraries that are not found:"
+	LD_LIBRARY_PATH=$libpath ldd "$root/usr/sbin/runc" >&2
+	exit 1
+fi
+ls "$root/lib/x86_64-linux-gnu" "$root/lib64" >/dev/null
 : >"$root/lib/modules/load.order"
+: >"$root/lib/modules/load.later"
+i=0
 for m in "${order[@]}"; do
 	f=${kopath[$m]}
 	case $f in
@@ -161,122 +240,39 @@ for m in "${order[@]}"; do
 	*) cp "$f" "$root/lib/modules/$m.ko" ;;
 	esac
 	strip_signature "$root/lib/modules/$m.ko"
-	echo "$m" >>"$root/lib/modules/load.order"
+	if ((i < nboot)); then
+		echo "$m" >>"$root/lib/modules/load.order"
+	else
+		echo "$m" >>"$root/lib/modules/load.later"
+	fi
+	i=$((i + 1))
 done
 
 # busybox acpid maps the power button (KEY_POWER via evdev) to the action
 # PWRF/00000080 and runs /etc/acpi/PWRF/00000080 (its built-in tables:
-# there must be no /etc/acpid.conf or /etc/acpi.map).
+# there must be no /etc/acpid.conf or /etc/acpi.map). The agent (PID 1)
+# takes SIGUSR2 as busybox init does: stop the containers, power off.
 cat >"$root/etc/acpi/PWRF/00000080" <<'ACPI'
 #!/bin/sh
-echo "rss: acpi power button: powering off" >/dev/console
-sync
-poweroff -f
+echo "rss: acpi power button: stopping the containers and powering off" >/dev/console
+kill -USR2 1
 ACPI
 chmod +x "$root/etc/acpi/PWRF/00000080"
 
-cat >"$root/init" <<'INIT'
-#!/bin/sh
-# Sandbox guest init (PID 1). See scripts/build-guest.sh.
-export PATH=/bin:/sbin
-mount -t devtmpfs -o nosuid devtmpfs /dev
-mount -t proc -o nosuid,nodev,noexec proc /proc
-mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
-mount -t tmpfs -o nosuid,nodev tmpfs /run
-exec </dev/console >/dev/console 2>&1
-
-pids="" burn=0 port=org.kuasar.rss.ready debug=0 forktest=0
-for arg in $(cat /proc/cmdline); do
-	case $arg in
-	rss.pids=*) pids=${arg#rss.pids=} ;;
-	rss.burn=*) burn=${arg#rss.burn=} ;;
-	rss.forktest=*) forktest=${arg#rss.forktest=} ;;
-	rss.port=*) port=${arg#rss.port=} ;;
-	rss.debug=*) debug=${arg#rss.debug=} ;;
-	esac
-done
-
-while read -r m; do
-	insmod /lib/modules/$m.ko 2>/dev/null
-done </lib/modules/load.order
-
-# cgroup v2; a pids limit applies to everything init starts.
-cg=/sys/fs/cgroup
-mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 $cg
-echo +pids >$cg/cgroup.subtree_control 2>/dev/null
-mkdir -p $cg/sandbox
-if [ -n "$pids" ]; then
-	echo "$pids" >$cg/sandbox/pids.max
-fi
-# spawn CMD...: run CMD in the background inside the sandbox cgroup.
-spawn() {
-	sh -c 'echo $$ >/sys/fs/cgroup/sandbox/cgroup.procs; exec "$@"' spawn "$@" &
-}
-
-# Graceful stop: ACPI power button -> acpid -> /etc/acpi/PWRF/00000080.
-if [ "$debug" = 1 ]; then
-	spawn acpid -d -c /etc/acpi -p /run/acpid.pid
-else
-	spawn acpid -f -c /etc/acpi -p /run/acpid.pid -l /run/acpid.log
-fi
-
-i=0
-while [ "$i" -lt "$burn" ]; do
-	spawn sh -c 'while :; do :; done'
-	i=$((i + 1))
-done
-
-# Find the readiness port: /sys/class/virtio-ports/vport*/name == $port.
-dev=""
-for n in 1 2 3 4 5 6 7 8 9 10; do
-	for p in /sys/class/virtio-ports/*; do
-		[ -r "$p/name" ] || continue
-		if [ "$(cat "$p/name")" = "$port" ]; then
-			dev=/dev/${p##*/}
-			break 2
-		fi
-	done
-	sleep 0.1
-done
-echo "rss: pids.max=$(cat $cg/sandbox/pids.max) burn=$burn port=${dev:-none} uptime=$(cut -d" " -f1 /proc/uptime)"
-msg="READY"
-if [ -n "$dev" ]; then
-	echo "$msg" >"$dev"
-fi
-echo "$msg"
-
-# The fork test: a shell in the sandbox group starts sleepers until a fork
-# fails (ash then exits with an error) or 4096 run; the count it reached is
-# in /run/forktest.
-if [ "$forktest" = 1 ]; then
-	spawn sh -c 'n=0; while [ $n -lt 4096 ]; do sleep 1000 & n=$((n + 1)); echo $n >/run/forktest; done; echo no >/run/forktest.end'
-	t=0
-	while [ "$t" -lt 60 ]; do
-		sleep 1
-		t=$((t + 1))
-		# Done when the forking shell is gone: only sleepers, acpid and
-		# the burners are left in the group.
-		pgrep -f 'n=0; while' >/dev/null || break
-	done
-	refused=yes
-	[ -e /run/forktest.end ] && refused=no
-	echo "rss: forktest forked=$(cat /run/forktest 2>/dev/null || echo 0) pids.max=$(cat $cg/sandbox/pids.max) refused=$refused"
-	killall sleep 2>/dev/null
-fi
-
-# Idle; the shell reaps orphans between sleeps. vCPUs the host hot-plugs
-# (virsh setvcpus --live) arrive offline without udev: bring them online.
-while :; do
-	for c in /sys/devices/system/cpu/cpu*/online; do
-		[ "$(cat "$c")" = 1 ] || echo 1 >"$c"
-	done 2>/dev/null
-	sleep 2
-done
-INIT
-chmod +x "$root/init"
 
 # --- outputs ---------------------------------------------------------------
-(cd "$root" && find . | LC_ALL=C sort | "$bb" cpio -o -H newc 2>/dev/null) | gzip -9 >"$work/initramfs.cpio.gz"
+# The archive's owner is root whoever builds it (busybox cpio keeps the
+# builder's uid otherwise, and the agent must run runc as root-owned files).
+cpio_tree() { (cd "$root" && find . | LC_ALL=C sort | "$bb" cpio -o -H newc -R 0:0 2>/dev/null); }
+case $COMPRESS in
+lz4) cpio_tree | lz4 -l -9 -q >"$work/initramfs.img" ;; # the kernel reads lz4's legacy format
+gzip) cpio_tree | gzip -9 >"$work/initramfs.img" ;;
+none) cpio_tree >"$work/initramfs.img" ;;
+*)
+	log "GUEST_COMPRESS=$COMPRESS: lz4, gzip or none"
+	exit 1
+	;;
+esac
 cp "$work/k/boot/vmlinuz-$kver" "$work/vmlinuz"
 # vmlinux: find the compressed payload in the bzImage by its magic and
 # decompress it (what the kernel's scripts/extract-vmlinux does).
@@ -306,13 +302,17 @@ if [[ ! -s $OUT/base.qcow2 ]]; then
 	mv "$work/base.qcow2" "$OUT/base.qcow2"
 fi
 mv "$work/vmlinuz" "$OUT/vmlinuz"
-mv "$work/initramfs.cpio.gz" "$OUT/initramfs.cpio.gz"
+mv "$work/initramfs.img" "$OUT/initramfs.img"
+ln -sfn initramfs.img "$OUT/initramfs.cpio.gz"
 {
 	echo "kernel=$kimg"
 	echo "kver=$kver"
 	echo "busybox=$(dpkg-deb -f "$work"/busybox-static_*.deb Version)"
+	echo "runc=$(dpkg-deb -f "$work"/runc_*.deb Version)"
 	echo "modules=${order[*]}"
+	echo "compress=$COMPRESS"
+	echo "agent=$AGENT_SUM"
 	echo "script=$SELF_SUM"
 } >"$OUT/guest.version.tmp"
 mv "$OUT/guest.version.tmp" "$OUT/guest.version"
-log "built $OUT ($(du -sh "$OUT/initramfs.cpio.gz" | cut -f1) initramfs, kernel $kver)"
+log "built $OUT ($(du -sh "$OUT/initramfs.img" | cut -f1) initramfs, $COMPRESS, kernel $kver)"

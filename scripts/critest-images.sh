@@ -8,6 +8,12 @@
 # Usage: scripts/critest-images.sh [--list]
 #   --list   only print the names
 #
+# With CRITEST_IMAGES=busybox (vm mode, where the containers run) the image
+# under those names is the busybox image of scripts/build-busybox-image.sh
+# instead: critest's commands (sh -c, top, echo, cat, ls, sleep, id) need a
+# shell and coreutils; the nginx and httpd names get busybox too, whose
+# default command is /bin/sh, so their specs fail.
+#
 # The names (pkg/framework and pkg/validate of cri-tools v1.36.0):
 #   registry.k8s.io/e2e-test-images/busybox:1.29-2   default container image
 #   registry.k8s.io/e2e-test-images/nginx:1.14-2     networking, HostPID/PodPID/ContainerPID
@@ -60,4 +66,8 @@ case "${1:-}" in
 	;;
 esac
 
-TEST_IMAGE_NAMES="${names[*]}" "$script_dir/build-test-image.sh" --import "$CTRD_BASE/critest-images.oci.tar" >/dev/null
+if [[ "${CRITEST_IMAGES:-}" == busybox ]]; then
+	BUSYBOX_IMAGE_NAMES="${names[*]}" "$script_dir/build-busybox-image.sh" --import "$CTRD_BASE/critest-busybox.oci.tar" >/dev/null
+else
+	TEST_IMAGE_NAMES="${names[*]}" "$script_dir/build-test-image.sh" --import "$CTRD_BASE/critest-images.oci.tar" >/dev/null
+fi

@@ -27,6 +27,11 @@
 #                      (plugin links in its bin dir, a conflist, the bridge)
 #                      and the closed registry (certs.d/_default)
 #   --keep             keep the base dir and leave everything running
+#   --vm               the resource-vm runtime handler: the sandboxer in vm
+#                      mode (guest in $RSS_GUEST_DIR, default bin/guest),
+#                      critest's images from the busybox image (its
+#                      containers run), scripts/critest-pass-vm.txt for
+#                      --pass-list; with --reuse, the harness's vm daemon
 #
 # Environment: RSS_BIN_DIR (bin/), CTRD_CNI_BIN_DIR (/usr/lib/cni: Debian's
 # containernetworking-plugins), CRITEST (critest on PATH), RSS_CRITEST_BASE
@@ -44,7 +49,7 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 scripts="$repo/scripts"
-parallel=2 timeout=60m reuse=false keep=false report_dir=""
+parallel=2 timeout=60m reuse=false keep=false report_dir="" vm=false pass_list=false
 focus=() skip=() extra=()
 default_skip=('runtime should support attach \[Conformance\]$')
 
@@ -53,14 +58,8 @@ while (($#)); do
 	-p | --parallel) parallel="$2" && shift ;;
 	--focus) focus+=("$2") && shift ;;
 	--skip) skip+=("$2") && shift ;;
-	--pass-list)
-		# One exact spec name a line -> an escaped regex anchored at the end
-		# (ginkgo matches "CRI validation <spec text>").
-		while IFS= read -r line; do
-			[[ -z "$line" || "$line" == \#* ]] && continue
-			focus+=("$(printf '%s' "$line" | sed 's/[][\\.*^$+?(){}|/]/\\&/g')\$")
-		done <"$scripts/critest-pass.txt"
-		;;
+	--pass-list) pass_list=true ;;
+	--vm) vm=true ;;
 	--report-dir) report_dir="$2" && shift ;;
 	--timeout) timeout="$2" && shift ;;
 	--reuse) reuse=true ;;
@@ -82,6 +81,23 @@ while (($#)); do
 	esac
 	shift
 done
+
+if "$pass_list"; then
+	list="$scripts/critest-pass.txt"
+	"$vm" && list="$scripts/critest-pass-vm.txt"
+	# One exact spec name a line -> an escaped regex anchored at the end
+	# (ginkgo matches "CRI validation <spec text>").
+	while IFS= read -r line; do
+		[[ -z "$line" || "$line" == \#* ]] && continue
+		focus+=("$(printf '%s' "$line" | sed 's/[][\\.*^$+?(){}|/]/\\&/g')\$")
+	done <"$list"
+fi
+handler=resource-slot
+if "$vm"; then
+	handler=resource-vm
+	# A vm container reads its stdin: the attach spec ends there.
+	default_skip=()
+fi
 
 log() { printf '[critest] %s\n' "$*" >&2; }
 die() {
@@ -123,6 +139,8 @@ else
 	base="${RSS_CRITEST_BASE:-$(mktemp -d /tmp/rss-critest.XXXXXX)}"
 	mkdir -p "$base/bin"
 	export CTRD_BASE="$base/ctrd" SANDBOXER_SOCK="$base/sb.sock" SHIM_DIR="$base/bin" CTRD_CNI_BIN_DIR
+	# vm mode: the same daemon and socket serve the resource-vm handler.
+	if "$vm"; then export SANDBOXER_VM_SOCK="$SANDBOXER_SOCK"; fi
 fi
 # Reads the config, never changes it: CTRD_* paths, ctrd_cni_conf.
 # shellcheck source-path=SCRIPTDIR source=containerd-env.sh
@@ -189,6 +207,13 @@ dir = "$base/state"
 log_level = "${RSS_LOG_LEVEL:-info}"
 containerd_address = "$CTRD_SOCK.ttrpc"
 EOF
+	if "$vm"; then
+		guest="$(realpath -m "${RSS_GUEST_DIR:-$repo/bin/guest}")"
+		[[ -s "$guest/vmlinux" || -s "$guest/vmlinuz" ]] || die "no guest in $guest (make guest)"
+		# The mode key before the tables.
+		{ echo 'mode = "vm"'; cat "$base/sandboxer.toml"; printf '[vm]\nguest_dir = "%s"\nready_timeout = "3m"\n' "$guest"; } >"$base/sandboxer.toml.new"
+		mv "$base/sandboxer.toml.new" "$base/sandboxer.toml"
+	fi
 	setsid "$base/bin/resource-slot-sandboxer" --config "$base/sandboxer.toml" >"$base/sandboxer.log" 2>&1 </dev/null &
 	sb_pid=$!
 	for _ in $(seq 200); do
@@ -229,7 +254,9 @@ if [[ ! -e "$hosts/hosts.toml" ]]; then
 fi
 
 log "importing the critest images: $("$scripts/critest-images.sh" --list | tr '\n' ' ')"
-out="$("$scripts/critest-images.sh" 2>&1)" || die "image import failed: $out"
+images=""
+if "$vm"; then images=busybox; fi
+out="$(CRITEST_IMAGES="$images" "$scripts/critest-images.sh" 2>&1)" || die "image import failed: $out"
 
 # containerd loads the CNI conf asynchronously.
 for _ in $(seq 100); do
@@ -250,7 +277,7 @@ rm -f "$report_dir/critest.json" "$report_dir/junit.xml" "$report_dir/summary.tx
 
 args=(
 	--runtime-endpoint "$sock" --image-endpoint "$sock"
-	--runtime-handler resource-slot
+	--runtime-handler "$handler"
 	--ginkgo.timeout "$timeout"
 	--ginkgo.no-color
 	--ginkgo.json-report "$report_dir/critest.json"

@@ -23,6 +23,7 @@ import (
 	"github.com/containerd/errdefs"
 
 	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
+	"github.com/kuasar-io/resource-slot-sandboxer/vmm/mounts"
 )
 
 // MetadataNamespace marks a domain as owned by the sandboxer. Cleanup only
@@ -34,11 +35,23 @@ const (
 	DiskFile    = "disk.qcow2"  // qcow2 overlay of the base disk
 	ConsoleFile = "console.log" // serial console (kernel + init output)
 	ReadyFile   = "ready.log"   // host side of the virtio-serial readiness port
+	AgentSocket = "agent.sock"  // host side of the agent's virtio-serial port (QEMU listens)
 )
 
 // DefaultReadyPort is the virtio-serial port name the guest init announces
 // readiness on (scripts/build-guest.sh, rss.port=).
 const DefaultReadyPort = "org.kuasar.rss.ready"
+
+// DefaultAgentPort is the virtio-serial port name the guest agent serves
+// on (agent/transport).
+const DefaultAgentPort = "org.kuasar.rss.agent"
+
+// DefaultSharedTag is the virtio-fs tag of the sandbox's shared directory
+// (SetupSandbox mounts it at mounts.GuestRoot).
+const DefaultSharedTag = "rss-shared"
+
+// DefaultVirtioFSD is the C virtiofsd of Debian 12's qemu-system-common.
+const DefaultVirtioFSD = "/usr/lib/qemu/virtiofsd"
 
 // DiskDev is the guest device name of the sandbox disk.
 const DiskDev = "vda"
@@ -53,6 +66,7 @@ type Domain struct {
 	MaxMemory     *MaxMemory   `xml:"maxMemory"`
 	Memory        Memory       `xml:"memory"`
 	CurrentMemory *Memory      `xml:"currentMemory"`
+	MemoryBacking *MemBacking  `xml:"memoryBacking"`
 	VCPU          VCPU         `xml:"vcpu"`
 	CPUTune       *CPUTune     `xml:"cputune"`
 	MemTune       *MemTune     `xml:"memtune"`
@@ -84,6 +98,9 @@ type Metadata struct {
 type SandboxMetadata struct {
 	ID  string `xml:"id"`
 	Dir string `xml:"dir"`
+	// Owner names the daemon (its state directory, Config.Owner) whose
+	// sandbox this is: Cleanup leaves other daemons' domains alone.
+	Owner string `xml:"owner,omitempty"`
 	// Tap is the host tap device, when the domain has one (tc shaping).
 	Tap string `xml:"tap,omitempty"`
 }
@@ -99,6 +116,24 @@ type MaxMemory struct {
 	Value uint64 `xml:",chardata"`
 	Unit  string `xml:"unit,attr,omitempty"`
 	Slots uint   `xml:"slots,attr,omitempty"`
+}
+
+// MemBacking is <memoryBacking>: virtio-fs (vhost-user) needs the guest's
+// RAM in shared memory, <source type='memfd'/><access mode='shared'/>.
+type MemBacking struct {
+	Source *MemBackingSource `xml:"source"`
+	Access *MemBackingAccess `xml:"access"`
+	Extra  []AnyElement      `xml:",any"`
+}
+
+// MemBackingSource is <source type='memfd'/>.
+type MemBackingSource struct {
+	Type string `xml:"type,attr"`
+}
+
+// MemBackingAccess is <access mode='shared'/>.
+type MemBackingAccess struct {
+	Mode string `xml:"mode,attr"`
 }
 
 // VCPU is <vcpu current='N'>MAX</vcpu>.
@@ -155,8 +190,16 @@ type OSType struct {
 
 // Features is <features>.
 type Features struct {
-	ACPI *struct{} `xml:"acpi"`
-	APIC *struct{} `xml:"apic"`
+	ACPI *struct{}   `xml:"acpi"`
+	APIC *struct{}   `xml:"apic"`
+	TCG  *FeatureTCG `xml:"tcg"`
+}
+
+// FeatureTCG is <tcg><tb-cache unit='MiB'>N</tb-cache></tcg>: the size of
+// TCG's translation cache (QEMU's default is 1 GiB, which a busy guest
+// fills, and which counts against the memtune hard limit of QEMU).
+type FeatureTCG struct {
+	TBCache *Memory `xml:"tb-cache"`
 }
 
 // CPU is <cpu mode='...'/>.
@@ -166,14 +209,15 @@ type CPU struct {
 
 // Devices is <devices>.
 type Devices struct {
-	Emulator   string       `xml:"emulator,omitempty"`
-	Disks      []Disk       `xml:"disk"`
-	Interfaces []Interface  `xml:"interface"`
-	Serials    []CharDev    `xml:"serial"`
-	Consoles   []CharDev    `xml:"console"`
-	Channels   []CharDev    `xml:"channel"`
-	MemBalloon *MemBalloon  `xml:"memballoon"`
-	Extra      []AnyElement `xml:",any"`
+	Emulator    string       `xml:"emulator,omitempty"`
+	Disks       []Disk       `xml:"disk"`
+	Filesystems []Filesystem `xml:"filesystem"`
+	Interfaces  []Interface  `xml:"interface"`
+	Serials     []CharDev    `xml:"serial"`
+	Consoles    []CharDev    `xml:"console"`
+	Channels    []CharDev    `xml:"channel"`
+	MemBalloon  *MemBalloon  `xml:"memballoon"`
+	Extra       []AnyElement `xml:",any"`
 }
 
 // Disk is <disk type='file' device='disk'>.
@@ -212,6 +256,47 @@ type IOTune struct {
 	TotalIOPSSec  uint64 `xml:"total_iops_sec,omitempty"`
 	ReadIOPSSec   uint64 `xml:"read_iops_sec,omitempty"`
 	WriteIOPSSec  uint64 `xml:"write_iops_sec,omitempty"`
+}
+
+// Filesystem is <filesystem type='mount' accessmode='passthrough'>: a host
+// directory shared with the guest over virtio-fs; libvirt starts the
+// virtiofsd of <binary> for it.
+type Filesystem struct {
+	Type       string            `xml:"type,attr"`
+	AccessMode string            `xml:"accessmode,attr,omitempty"`
+	Driver     *FilesystemDriver `xml:"driver"`
+	Binary     *FilesystemBinary `xml:"binary"`
+	Source     *FilesystemSource `xml:"source"`
+	Target     *FilesystemTarget `xml:"target"`
+	Extra      []AnyElement      `xml:",any"`
+}
+
+// FilesystemDriver is <driver type='virtiofs' queue='N'/>.
+type FilesystemDriver struct {
+	Type  string `xml:"type,attr"`
+	Queue uint   `xml:"queue,attr,omitempty"`
+}
+
+// FilesystemBinary is <binary path='...'><cache mode='...'/></binary>.
+type FilesystemBinary struct {
+	Path  string           `xml:"path,attr"`
+	Cache *FilesystemCache `xml:"cache"`
+	Extra []AnyElement     `xml:",any"`
+}
+
+// FilesystemCache is <cache mode='auto|always|none'/>.
+type FilesystemCache struct {
+	Mode string `xml:"mode,attr"`
+}
+
+// FilesystemSource is <source dir='...'/>.
+type FilesystemSource struct {
+	Dir string `xml:"dir,attr"`
+}
+
+// FilesystemTarget is <target dir='TAG'/>: the tag the guest mounts.
+type FilesystemTarget struct {
+	Dir string `xml:"dir,attr"`
 }
 
 // Interface is <interface type='ethernet'|'user'>.
@@ -348,7 +433,8 @@ type Config struct {
 	Socket string
 	// GuestDir holds the guest built by scripts/build-guest.sh; Kernel,
 	// Initrd and BaseDisk default to files in it (vmlinux, falling back to
-	// vmlinuz; initramfs.cpio.gz; base.qcow2).
+	// vmlinuz; initramfs.img, falling back to initramfs.cpio.gz;
+	// base.qcow2).
 	GuestDir, Kernel, Initrd, BaseDisk string
 	// Emulator is the QEMU binary; empty lets libvirt choose.
 	Emulator string
@@ -380,6 +466,24 @@ type Config struct {
 	Cmdline string
 	// ReadyPort is the virtio-serial port name (default DefaultReadyPort).
 	ReadyPort string
+	// AgentPort is the virtio-serial port of the guest agent (default
+	// DefaultAgentPort); its host side is a unix socket QEMU listens on
+	// (AgentSocketPath).
+	AgentPort string
+	// VirtioFSD is the virtiofsd binary libvirt starts for the shared
+	// directory (default DefaultVirtioFSD); SharedTag its virtio-fs tag
+	// (default DefaultSharedTag).
+	VirtioFSD, SharedTag string
+	// SocketDir holds the agent sockets of sandboxes whose directory is
+	// too deep for a unix socket path (default /run/resource-slot-sandboxer/vm).
+	SocketDir string
+	// TCGCache is the size of TCG's translation cache of a domain without
+	// KVM (default 128 MiB), which counts against QEMU's hard limit.
+	TCGCache int64
+	// BootImages is the size of the kernel and the initrd, which QEMU
+	// keeps mapped (the kernel's loaded image is a private copy) and
+	// which count against its hard limit under TCG. New sets it.
+	BootImages int64
 	// Network is ethernet (default), user or none.
 	Network string
 	// BalloonStatsPeriod is the guest memory stats period in seconds
@@ -387,6 +491,10 @@ type Config struct {
 	BalloonStatsPeriod uint
 	// NamePrefix prefixes domain names (default "rss-").
 	NamePrefix string
+	// Owner names the daemon in the domains' metadata (its state
+	// directory): Cleanup removes only domains of the same owner, so
+	// daemons sharing a libvirtd leave each other's alone.
+	Owner string
 }
 
 // DefaultCmdline is the lean kernel command line the guest boots with.
@@ -412,7 +520,10 @@ func (c Config) WithDefaults() Config {
 		}
 	}
 	if c.Initrd == "" && c.GuestDir != "" {
-		c.Initrd = filepath.Join(c.GuestDir, "initramfs.cpio.gz")
+		c.Initrd = filepath.Join(c.GuestDir, "initramfs.img")
+		if !fileExists(c.Initrd) {
+			c.Initrd = filepath.Join(c.GuestDir, "initramfs.cpio.gz")
+		}
 	}
 	if c.BaseDisk == "" && c.GuestDir != "" {
 		c.BaseDisk = filepath.Join(c.GuestDir, "base.qcow2")
@@ -447,6 +558,21 @@ func (c Config) WithDefaults() Config {
 	if c.ReadyPort == "" {
 		c.ReadyPort = DefaultReadyPort
 	}
+	if c.AgentPort == "" {
+		c.AgentPort = DefaultAgentPort
+	}
+	if c.VirtioFSD == "" {
+		c.VirtioFSD = DefaultVirtioFSD
+	}
+	if c.SharedTag == "" {
+		c.SharedTag = DefaultSharedTag
+	}
+	if c.SocketDir == "" {
+		c.SocketDir = "/run/resource-slot-sandboxer/vm"
+	}
+	if c.TCGCache == 0 {
+		c.TCGCache = 128 * mib
+	}
 	if c.Network == "" {
 		c.Network = NetworkEthernet
 	}
@@ -457,6 +583,20 @@ func (c Config) WithDefaults() Config {
 		c.NamePrefix = "rss-"
 	}
 	return c
+}
+
+// maxSocketPath is the longest unix socket path that fits sun_path (108
+// bytes with its NUL), with a margin.
+const maxSocketPath = 100
+
+// AgentSocketPath is the host side of the agent's port of the sandbox in
+// dir: dir/agent.sock, or, when that is too long for a unix socket,
+// socketDir/<hash of dir>.sock.
+func AgentSocketPath(dir, socketDir string) string {
+	if p := filepath.Join(dir, AgentSocket); len(p) <= maxSocketPath {
+		return p
+	}
+	return filepath.Join(socketDir, shortHash(dir, 24)+".sock")
 }
 
 var safeName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
@@ -541,18 +681,29 @@ func MemoryKiBFor(memLimit *int64, overhead, def int64) uint64 {
 //     limit/ceil(limit) of a core (0.75 for 1.5 cores on 2 vCPUs) while the
 //     other idles; the global quota is what a pod cgroup does.
 //   - cpuset_cpus pins every vCPU and the emulator threads to that set.
-//   - memtune: hard_limit = memory + cfg.QEMUOverhead (the whole QEMU
-//     process); soft_limit = memory_request + GuestOverhead;
+//   - memtune: hard_limit = memory + QEMU's own (the whole QEMU process:
+//     cfg.QEMUOverhead, plus without KVM the translation cache and the
+//     boot images QEMU keeps mapped, cfg.BootImages); soft_limit =
+//     memory_request + GuestOverhead;
 //     swap_hard_limit = hard_limit + (memory_swap_limit - memory_limit),
 //     i.e. the same swap allowance the pod's memsw limit gives. hard and
 //     swap_hard are live-only here (see LiveTunables).
 //   - disk_read_bps/disk_write_bps/disk_read_iops/disk_write_iops become
 //     the disk's iotune (read/write bytes_sec and iops_sec).
-//   - pid_limit goes on the kernel command line as rss.pids=N; the guest
-//     init sets pids.max of the cgroup its processes run in.
+//   - memoryBacking is memfd, shared: virtiofsd (vhost-user) maps the
+//     guest's RAM.
+//   - without KVM, TCG's translation cache is cfg.TCGCache (QEMU's 1 GiB
+//     default would grow QEMU past its memtune hard limit).
 //
+// pid_limit, like every limit of the pod's own processes, is the pod
+// cgroup's in the guest (podResources); libvirt has no pids element.
 // storage_limit sizes the overlay disk (Create) and network limits are
 // applied with tc on the tap (Start); neither is in the XML.
+//
+// The devices besides the disk and the NIC: the serial console (a file),
+// the readiness port (a virtio-serial port whose host side is a file), the
+// agent's port (virtio-serial, a unix socket QEMU listens on), and the
+// shared directory <dir>/shared (mounts.ExportDir) over virtio-fs.
 func DomainFor(id, dir string, info resourceinfo.ResourceInfo, cfg Config) (*Domain, error) {
 	cfg = cfg.WithDefaults()
 	if id == "" {
@@ -574,8 +725,9 @@ func DomainFor(id, dir string, info resourceinfo.ResourceInfo, cfg Config) (*Dom
 		Type: cfg.DomainType,
 		Name: DomainName(cfg.NamePrefix, id),
 		Metadata: &Metadata{Sandbox: &SandboxMetadata{
-			ID:  id,
-			Dir: dir,
+			ID:    id,
+			Dir:   dir,
+			Owner: cfg.Owner,
 		}},
 		Memory:        Memory{Value: maxKiB, Unit: "KiB"},
 		CurrentMemory: &Memory{Value: memKiB, Unit: "KiB"},
@@ -595,6 +747,8 @@ func DomainFor(id, dir string, info resourceinfo.ResourceInfo, cfg Config) (*Dom
 	}
 	if cfg.DomainType == "kvm" {
 		d.CPU = &CPU{Mode: "host-passthrough"}
+	} else {
+		d.Features.TCG = &FeatureTCG{TBCache: &Memory{Value: uint64(max(cfg.TCGCache, mib)) / mib, Unit: "MiB"}}
 	}
 
 	// cputune
@@ -626,7 +780,7 @@ func DomainFor(id, dir string, info resourceinfo.ResourceInfo, cfg Config) (*Dom
 	// memtune
 	mt := &MemTune{}
 	if r.MemoryLimit != nil && *r.MemoryLimit > 0 {
-		hard := memKiB + uint64(cfg.QEMUOverhead)/kib
+		hard := memKiB + uint64(cfg.qemuOwn())/kib
 		mt.HardLimit = &Memory{Value: hard, Unit: "KiB"}
 		if r.MemorySwapLimit != nil && *r.MemorySwapLimit > 0 {
 			swap := uint64(0)
@@ -649,10 +803,14 @@ func DomainFor(id, dir string, info resourceinfo.ResourceInfo, cfg Config) (*Dom
 	if cfg.ReadyPort != DefaultReadyPort {
 		cmd += " rss.port=" + cfg.ReadyPort
 	}
-	if r.PidLimit != nil && *r.PidLimit > 0 {
-		cmd += " rss.pids=" + strconv.FormatInt(*r.PidLimit, 10)
+	if cfg.AgentPort != DefaultAgentPort {
+		cmd += " rss.agent_port=" + cfg.AgentPort
+	}
+	if os.Getenv("RSS_GUEST_DEBUG") != "" {
+		cmd += " rss.debug=1" // the agent logs at debug level on the console
 	}
 	d.OS.Cmdline = cmd
+	d.MemoryBacking = &MemBacking{Source: &MemBackingSource{Type: "memfd"}, Access: &MemBackingAccess{Mode: "shared"}}
 
 	// devices
 	dev := &d.Devices
@@ -678,6 +836,14 @@ func DomainFor(id, dir string, info resourceinfo.ResourceInfo, cfg Config) (*Dom
 		disk.IOTune = io
 	}
 	dev.Disks = []Disk{disk}
+	dev.Filesystems = []Filesystem{{
+		Type:       "mount",
+		AccessMode: "passthrough",
+		Driver:     &FilesystemDriver{Type: "virtiofs", Queue: 1024},
+		Binary:     &FilesystemBinary{Path: cfg.VirtioFSD},
+		Source:     &FilesystemSource{Dir: filepath.Join(dir, mounts.ExportDir)},
+		Target:     &FilesystemTarget{Dir: cfg.SharedTag},
+	}}
 
 	switch cfg.Network {
 	case NetworkEthernet:
@@ -715,9 +881,26 @@ func DomainFor(id, dir string, info resourceinfo.ResourceInfo, cfg Config) (*Dom
 		Type:   "file",
 		Source: &CharDevSource{Path: filepath.Join(dir, ReadyFile)},
 		Target: &CharDevTarget{Type: "virtio", Name: cfg.ReadyPort},
+	}, {
+		Type:   "unix",
+		Source: &CharDevSource{Mode: "bind", Path: AgentSocketPath(dir, cfg.SocketDir)},
+		Target: &CharDevTarget{Type: "virtio", Name: cfg.AgentPort},
 	}}
 	dev.MemBalloon = &MemBalloon{Model: "virtio", Stats: &MemBalloonStats{Period: cfg.BalloonStatsPeriod}}
 	return d, nil
+}
+
+// qemuOwn is the memory QEMU uses besides the guest's RAM: QEMUOverhead
+// (devices, its own heap), and without KVM the translation cache and the
+// boot images (measured on Debian 12's QEMU 7.2 under TCG, idle: 122 MiB
+// of the guest's RAM touched, 47 MiB of the vmlinux copy, 13 MiB of the
+// initramfs, 63 MiB of translated code, 97 MiB anonymous).
+func (c Config) qemuOwn() int64 {
+	own := c.QEMUOverhead
+	if c.DomainType != "kvm" {
+		own += max(c.TCGCache, 0) + max(c.BootImages, 0)
+	}
+	return own
 }
 
 // checkLimits rejects values libvirt would refuse with a less clear error.

@@ -197,13 +197,14 @@ func TestSizeRules(t *testing.T) {
 			MemoryLimit: p(int64(256 * mib)), MemorySwapLimit: p(int64(128 * mib)),
 		}, vcpus: 1, maxVCPUs: 1, memKiB: 320 * 1024, maxKiB: 320 * 1024, hard: 576 * 1024, swap: 576 * 1024},
 		{name: "pids", r: resourceinfo.Resources{PidLimit: p(int64(1000))}, vcpus: 1, maxVCPUs: 1,
-			memKiB: 512 * 1024, maxKiB: 512 * 1024, cmdline: DefaultCmdline + " rss.pids=1000"},
+			memKiB: 512 * 1024, maxKiB: 512 * 1024}, // the guest's pod cgroup holds it, not the domain
 		{name: "custom port", cfg: func(c *Config) { c.ReadyPort = "x.y" }, vcpus: 1, maxVCPUs: 1,
 			memKiB: 512 * 1024, maxKiB: 512 * 1024, cmdline: DefaultCmdline + " rss.port=x.y"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := testConfig()
+			cfg.DomainType = "kvm" // QEMU's own memory is QEMUOverhead alone; TCG's is TestQEMUOwnMemory's
 			if tc.cfg != nil {
 				tc.cfg(&cfg)
 			}
@@ -328,4 +329,56 @@ func val(m *Memory) uint64 {
 		return 0
 	}
 	return m.Value
+}
+
+func TestAgentSocketPath(t *testing.T) {
+	if got := AgentSocketPath("/var/lib/x/sb1", "/run/s"); got != "/var/lib/x/sb1/agent.sock" {
+		t.Errorf("short dir: %s", got)
+	}
+	deep := "/var/lib/kuasar-resource-vm/" + strings.Repeat("a", 64) + "/x"
+	got := AgentSocketPath(deep, "/run/s")
+	if !strings.HasPrefix(got, "/run/s/") || !strings.HasSuffix(got, ".sock") || len(got) > maxSocketPath {
+		t.Errorf("deep dir: %s", got)
+	}
+	if got == AgentSocketPath(deep+"y", "/run/s") {
+		t.Errorf("two deep dirs share a socket")
+	}
+	d, err := DomainFor("sb1", deep, resourceinfo.ResourceInfo{}, testConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if src := d.Devices.Channels[1].Source; src.Path != AgentSocketPath(deep, "/run/resource-slot-sandboxer/vm") || src.Mode != "bind" {
+		t.Errorf("agent channel %+v", src)
+	}
+}
+
+func TestQEMUOwnMemory(t *testing.T) {
+	r := resourceinfo.Resources{MemoryLimit: p(int64(256 * mib))}
+	for _, tc := range []struct {
+		desc    string
+		typ     string
+		images  int64
+		hardMiB uint64
+		tbCache bool
+	}{
+		{desc: "kvm: guest + QEMUOverhead", typ: "kvm", images: 70 * mib, hardMiB: 320 + 256},
+		{desc: "tcg: + translation cache + boot images", typ: "qemu", images: 70 * mib, hardMiB: 320 + 256 + 128 + 70, tbCache: true},
+	} {
+		t.Run(tc.desc, func(t *testing.T) {
+			cfg := testConfig()
+			cfg.DomainType, cfg.BootImages = tc.typ, tc.images
+			d, err := DomainFor("id", testDir, resourceinfo.ResourceInfo{Resources: r}, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := d.MemTune.HardLimit.Value; got != tc.hardMiB*1024 {
+				t.Errorf("hard_limit %d KiB, want %d MiB", got, tc.hardMiB)
+			}
+			if got := d.Features.TCG != nil; got != tc.tbCache {
+				t.Errorf("tcg tb-cache set: %v", got)
+			} else if got && d.Features.TCG.TBCache.Value != 128 {
+				t.Errorf("tb-cache %d MiB", d.Features.TCG.TBCache.Value)
+			}
+		})
+	}
 }

@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"os/exec"
+	"strings"
 	"syscall"
 
 	"github.com/containerd/errdefs"
@@ -85,4 +88,33 @@ func mapErr(op string, err error) error {
 		}
 	}
 	return fmt.Errorf("%s: %w: %w", op, err, sentinel)
+}
+
+// qemuImgErr says what a failed qemu-img run is: the caller's end
+// (cancelled, timed out), a host that lacks the tool or the base image
+// (FailedPrecondition), a full disk (ResourceExhausted), a permission
+// problem; anything else is the host's failure (Unknown), never the
+// caller's argument.
+func qemuImgErr(ctx context.Context, bin string, args []string, out []byte, err error) error {
+	msg := strings.TrimSpace(string(out))
+	what := fmt.Sprintf("create overlay disk: %s %s: %v", bin, strings.Join(args, " "), err)
+	if msg != "" {
+		what += ": " + msg
+	}
+	var sentinel error
+	switch {
+	case ctx.Err() != nil:
+		sentinel = ctx.Err()
+	case errors.Is(err, exec.ErrNotFound), errors.Is(err, os.ErrNotExist):
+		sentinel = errdefs.ErrFailedPrecondition
+	case strings.Contains(msg, "No space left on device"), strings.Contains(msg, "Disk quota exceeded"):
+		sentinel = errdefs.ErrResourceExhausted
+	case strings.Contains(msg, "Permission denied"), strings.Contains(msg, "Operation not permitted"):
+		sentinel = errdefs.ErrPermissionDenied
+	case strings.Contains(msg, "Could not open backing file"), strings.Contains(msg, "No such file or directory"):
+		sentinel = errdefs.ErrFailedPrecondition
+	default:
+		sentinel = errdefs.ErrUnknown
+	}
+	return fmt.Errorf("%s: %w", what, sentinel)
 }

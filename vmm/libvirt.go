@@ -1,7 +1,6 @@
 package vmm
 
 import (
-	"bytes"
 	"context"
 	"encoding/xml"
 	"errors"
@@ -21,7 +20,9 @@ import (
 	"github.com/digitalocean/go-libvirt"
 	"github.com/digitalocean/go-libvirt/socket/dialers"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/backend"
 	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
+	"github.com/kuasar-io/resource-slot-sandboxer/vmm/mounts"
 )
 
 // ExitFunc reports that a sandbox's domain stopped by itself. It has the
@@ -42,7 +43,8 @@ const (
 
 // Options of a Backend beyond the domain Config.
 type Options struct {
-	// ReadyTimeout bounds Start's wait for the guest's READY (default 60s).
+	// ReadyTimeout bounds Start's wait for the guest's READY and for its
+	// agent's first answer (default 60s).
 	ReadyTimeout time.Duration
 	// PollInterval is how often the exit watcher double-checks the state of
 	// the watched domains besides the lifecycle events (default 5s).
@@ -51,27 +53,37 @@ type Options struct {
 	QEMUImg string
 	// PidDir is where libvirt writes <domain>.pid (default /run/libvirt/qemu).
 	PidDir string
+	// Dialer returns the dialer of the agent of the sandbox in dir
+	// (default: agent/transport's SerialDialer on AgentSocketPath).
+	Dialer func(dir string) Dialer
 }
 
-// Backend is the "vm" sandbox backend: one libvirt domain per sandbox. It
-// has the methods of sandboxer.Backend (with ExitFunc as above); it is
+// Backend is the "vm" sandbox backend: one libvirt domain per sandbox, and
+// the containers of its pod in it. It implements backend.Backend; it is
 // safe for concurrent use, and calls for one sandbox are expected to be
 // serialized by the caller.
 type Backend struct {
 	cfg  Config
 	opts Options
+	dial func() (lvClient, error) // connects to libvirtd
 
 	connMu sync.Mutex
-	conn   *libvirt.Libvirt
+	conn   lvClient
 
 	mu        sync.Mutex
 	sandboxes map[string]*sandbox // by id
 	byName    map[string]*sandbox // by domain name
+	events    backend.Events
 
-	stop   context.CancelFunc
-	done   chan struct{}
-	wakeup chan struct{}
+	// bgctx is the context of the background work (exit watcher, guest
+	// connections, stdio copiers); Close cancels it and waits for wg.
+	bgctx    context.Context
+	bgcancel context.CancelFunc
+	wg       sync.WaitGroup
+	wakeup   chan struct{}
 }
+
+var _ backend.Backend = (*Backend)(nil)
 
 type sandbox struct {
 	id, dir, name string
@@ -80,20 +92,51 @@ type sandbox struct {
 	def           *Domain // the definition as last defined (live tunables split off)
 	live          LiveTunables
 
-	// exit watching, guarded by Backend.mu
+	// exit watching, guarded by Backend.mu. stopping: a Stop is under way,
+	// its exit is not one to report unless the Stop fails.
 	exited   ExitFunc
 	watching bool
+	stopping bool
+
+	// The guest, guarded by Backend.mu: its connection while the VM runs,
+	// and the containers in it.
+	guest       *guestConn
+	guestCancel context.CancelFunc
+	containers  map[string]*ctr
+	// gone: Recover found the domain gone or stopped, so the recorded
+	// containers died with it.
+	gone bool
 
 	unenforced []string // guarded by Backend.mu
-	// previous CPU sample, for CPUPercent
+	// previous CPU samples, for CPUPercent: the VM's and each container's
+	// (guest cgroup time), guarded by Backend.mu
 	lastCPU uint64
 	lastAt  time.Time
+	lastCtr map[string]cpuSample
+	lastPod cpuSample
+}
+
+type cpuSample struct {
+	usec uint64
+	at   time.Time
 }
 
 // New connects to libvirtd, decides the accelerator once (cfg.Accel auto:
 // kvm when it works, TCG otherwise) and starts the exit watcher. Close
 // stops it.
 func New(ctx context.Context, cfg Config, opts Options) (*Backend, error) {
+	cfg = cfg.WithDefaults()
+	socket := cfg.Socket
+	return newBackend(ctx, cfg, opts, func() (lvClient, error) {
+		l := libvirt.NewWithDialer(dialers.NewLocal(dialers.WithSocket(socket), dialers.WithLocalTimeout(5*time.Second)))
+		if err := l.Connect(); err != nil {
+			return nil, mapErr("connect to libvirtd at "+socket, err)
+		}
+		return l, nil
+	})
+}
+
+func newBackend(ctx context.Context, cfg Config, opts Options, dial func() (lvClient, error)) (*Backend, error) {
 	cfg = cfg.WithDefaults()
 	if opts.ReadyTimeout == 0 {
 		opts.ReadyTimeout = 60 * time.Second
@@ -107,24 +150,40 @@ func New(ctx context.Context, cfg Config, opts Options) (*Backend, error) {
 	if opts.PidDir == "" {
 		opts.PidDir = "/run/libvirt/qemu"
 	}
+	if opts.Dialer == nil {
+		socketDir := cfg.SocketDir
+		opts.Dialer = func(dir string) Dialer { return serialDialer(AgentSocketPath(dir, socketDir)) }
+	}
+	cfg.BootImages = 0
 	for _, f := range []struct{ name, path string }{{"kernel", cfg.Kernel}, {"initrd", cfg.Initrd}, {"base disk", cfg.BaseDisk}} {
 		if f.path == "" {
 			return nil, fmt.Errorf("vm backend: no guest %s configured (set GuestDir; see scripts/build-guest.sh): %w", f.name, errdefs.ErrInvalidArgument)
 		}
-		if _, err := os.Stat(f.path); err != nil {
+		fi, err := os.Stat(f.path)
+		if err != nil {
 			return nil, fmt.Errorf("vm backend: guest %s: %w: %w", f.name, err, errdefs.ErrNotFound)
 		}
+		if f.path != cfg.BaseDisk {
+			cfg.BootImages += fi.Size()
+		}
 	}
+	// Whole MiB: the kernel rounds memory limits to pages, libvirt
+	// reports what it set.
+	cfg.BootImages = (cfg.BootImages + mib - 1) / mib * mib
+	bgctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	b := &Backend{
 		cfg:       cfg,
 		opts:      opts,
+		dial:      dial,
 		sandboxes: map[string]*sandbox{},
 		byName:    map[string]*sandbox{},
-		done:      make(chan struct{}),
+		bgctx:     bgctx,
+		bgcancel:  cancel,
 		wakeup:    make(chan struct{}, 1),
 	}
 	l, err := b.lv()
 	if err != nil {
+		cancel()
 		return nil, err
 	}
 	switch cfg.Accel {
@@ -141,11 +200,14 @@ func New(ctx context.Context, cfg Config, opts Options) (*Backend, error) {
 		}
 		log.G(ctx).WithField("kvm", ok).WithField("reason", why).Infof("vm backend: using domain type %q", b.cfg.DomainType)
 	default:
+		cancel()
 		return nil, fmt.Errorf("vm backend: accel %q: %w", cfg.Accel, errdefs.ErrInvalidArgument)
 	}
-	wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	b.stop = cancel
-	go b.watch(wctx)
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		b.watch(bgctx)
+	}()
 	return b, nil
 }
 
@@ -155,10 +217,26 @@ func (b *Backend) DomainType() string { return b.cfg.DomainType }
 // Config is the backend's effective configuration.
 func (b *Backend) Config() Config { return b.cfg }
 
-// Close stops the exit watcher and disconnects. Domains keep running.
+// Close stops the background work (the exit watcher, the guest
+// connections and event watchers, the stdio copiers), waits for it to end
+// and disconnects. Domains and their containers keep running; the stdio
+// keepers keep containerd's FIFOs open for the next daemon.
 func (b *Backend) Close() error {
-	b.stop()
-	<-b.done
+	b.bgcancel()
+	b.mu.Lock()
+	var copiers []*stdioCopier
+	for _, sb := range b.sandboxes {
+		for _, pr := range sb.allProcs() {
+			if pr.copier != nil {
+				copiers = append(copiers, pr.copier)
+			}
+		}
+	}
+	b.mu.Unlock()
+	for _, c := range copiers {
+		c.stop(0, false)
+	}
+	b.wg.Wait()
 	b.connMu.Lock()
 	defer b.connMu.Unlock()
 	if b.conn != nil {
@@ -170,15 +248,15 @@ func (b *Backend) Close() error {
 }
 
 // lv returns a connected client, reconnecting after libvirtd went away.
-func (b *Backend) lv() (*libvirt.Libvirt, error) {
+func (b *Backend) lv() (lvClient, error) {
 	b.connMu.Lock()
 	defer b.connMu.Unlock()
 	if b.conn != nil && b.conn.IsConnected() {
 		return b.conn, nil
 	}
-	l := libvirt.NewWithDialer(dialers.NewLocal(dialers.WithSocket(b.cfg.Socket), dialers.WithLocalTimeout(5*time.Second)))
-	if err := l.Connect(); err != nil {
-		return nil, mapErr("connect to libvirtd at "+b.cfg.Socket, err)
+	l, err := b.dial()
+	if err != nil {
+		return nil, err
 	}
 	b.conn = l
 	return l, nil
@@ -188,7 +266,7 @@ func (b *Backend) lv() (*libvirt.Libvirt, error) {
 // create a VM, the host CPU must have vmx/svm (without it, as under some
 // nested setups, /dev/kvm exists but guests hang), and libvirt must offer
 // the kvm domain type.
-func probeKVM(l *libvirt.Libvirt) (bool, string) {
+func probeKVM(l lvClient) (bool, string) {
 	f, err := os.OpenFile("/dev/kvm", os.O_RDWR|syscall.O_CLOEXEC, 0)
 	if err != nil {
 		return false, "cannot open /dev/kvm: " + err.Error()
@@ -260,7 +338,7 @@ func (b *Backend) forget(sb *sandbox) {
 }
 
 func (b *Backend) newSandbox(id, dir string, info resourceinfo.ResourceInfo) *sandbox {
-	sb := &sandbox{id: id, dir: dir, info: info, name: DomainName(b.cfg.NamePrefix, id)}
+	sb := &sandbox{id: id, dir: dir, info: info, name: DomainName(b.cfg.NamePrefix, id), containers: map[string]*ctr{}}
 	if b.cfg.Network == NetworkEthernet {
 		sb.tap, sb.ifb = TapName(id), IFBName(id)
 	}
@@ -310,8 +388,7 @@ func (b *Backend) Create(ctx context.Context, id, dir string, info resourceinfo.
 	_ = os.Remove(disk)
 	if out, err := exec.CommandContext(ctx, b.opts.QEMUImg, args...).CombinedOutput(); err != nil {
 		_ = os.Remove(disk)
-		return fmt.Errorf("create overlay disk: %s %s: %w: %s: %w", b.opts.QEMUImg, strings.Join(args, " "), err,
-			strings.TrimSpace(string(out)), errdefs.ErrInvalidArgument)
+		return qemuImgErr(ctx, b.opts.QEMUImg, args, out, err)
 	}
 	defer func() {
 		if retErr != nil {
@@ -331,88 +408,6 @@ func (b *Backend) Create(ctx context.Context, id, dir string, info resourceinfo.
 	b.put(sb)
 	logger.WithField("domain", sb.name).WithField("type", d.Type).Debug("vm sandbox defined")
 	return nil
-}
-
-// Start boots the domain and returns when the guest reported READY.
-func (b *Backend) Start(ctx context.Context, id string, exited ExitFunc) (uint32, error) {
-	logger := log.G(ctx).WithField("sandbox", id)
-	sb, err := b.get(id)
-	if err != nil {
-		return 0, err
-	}
-	l, err := b.lv()
-	if err != nil {
-		return 0, err
-	}
-	dom, err := l.DomainLookupByName(sb.name)
-	if err != nil {
-		return 0, mapErr("look up domain "+sb.name, err)
-	}
-	if st, _, err := l.DomainGetState(dom, 0); err == nil && libvirt.DomainState(st) != libvirt.DomainShutoff {
-		return 0, fmt.Errorf("vm sandbox %q is already running: %w", id, errdefs.ErrFailedPrecondition)
-	}
-	readyPath := filepath.Join(sb.dir, ReadyFile)
-	_ = os.Remove(readyPath)
-	b.mu.Lock()
-	sb.unenforced = nil
-	sb.lastCPU, sb.lastAt = 0, time.Time{}
-	b.mu.Unlock()
-
-	start := time.Now()
-	if err := l.DomainCreate(dom); err != nil {
-		return 0, mapErr("start domain "+sb.name, err)
-	}
-	fail := func(err error) (uint32, error) {
-		b.destroy(ctx, l, dom)
-		b.unshape(ctx, sb)
-		return 0, err
-	}
-	if err := b.applyLiveMemory(l, dom, sb.live); err != nil {
-		return fail(err)
-	}
-	b.shape(ctx, sb, sb.info)
-
-	if err := b.waitReady(ctx, l, dom, sb); err != nil {
-		return fail(err)
-	}
-	logger.WithField("boot", time.Since(start).Round(time.Millisecond)).Info("vm sandbox ready")
-
-	pid := b.qemuPid(sb.name)
-	b.mu.Lock()
-	sb.exited, sb.watching = exited, true
-	b.mu.Unlock()
-	b.poke() // the domain may have stopped between READY and now
-	return pid, nil
-}
-
-// waitReady waits for the READY line on the readiness channel.
-func (b *Backend) waitReady(ctx context.Context, l *libvirt.Libvirt, dom libvirt.Domain, sb *sandbox) error {
-	ctx, cancel := context.WithTimeout(ctx, b.opts.ReadyTimeout)
-	defer cancel()
-	path := filepath.Join(sb.dir, ReadyFile)
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	for n := 0; ; n++ {
-		if data, err := os.ReadFile(path); err == nil && bytes.Contains(data, []byte("READY")) {
-			return nil
-		}
-		if n%10 == 0 {
-			st, _, err := l.DomainGetState(dom, 0)
-			if err != nil || libvirt.DomainState(st) == libvirt.DomainShutoff || libvirt.DomainState(st) == libvirt.DomainCrashed {
-				return fmt.Errorf("vm sandbox %q stopped while booting (state %d, %v); console:\n%s: %w",
-					sb.id, st, err, consoleTail(sb.dir), errdefs.ErrUnavailable)
-			}
-		}
-		select {
-		case <-ctx.Done():
-			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return fmt.Errorf("vm sandbox %q: guest not ready after %s; console:\n%s: %w",
-					sb.id, b.opts.ReadyTimeout, consoleTail(sb.dir), context.DeadlineExceeded)
-			}
-			return fmt.Errorf("vm sandbox %q: waiting for the guest: %w", sb.id, ctx.Err())
-		case <-tick.C:
-		}
-	}
 }
 
 // consoleTail is the end of the guest's console log, for errors.
@@ -445,7 +440,7 @@ func (b *Backend) qemuPid(name string) uint32 {
 
 // applyLiveMemory sets memtune hard_limit and swap_hard_limit on the
 // running domain; libvirt orders the two as cgroup v1 needs.
-func (b *Backend) applyLiveMemory(l *libvirt.Libvirt, dom libvirt.Domain, lt LiveTunables) error {
+func (b *Backend) applyLiveMemory(l lvClient, dom libvirt.Domain, lt LiveTunables) error {
 	unl := uint64(libvirt.DomainMemoryParamUnlimited)
 	hard, swap := lt.HardLimitKiB, lt.SwapHardLimitKiB
 	if hard == 0 {
@@ -510,400 +505,17 @@ func replaceNotes(old []string, prefix string, notes []string) []string {
 }
 
 // destroy force-stops a domain; "not running" is fine.
-func (b *Backend) destroy(ctx context.Context, l *libvirt.Libvirt, dom libvirt.Domain) {
+func (b *Backend) destroy(ctx context.Context, l lvClient, dom libvirt.Domain) {
 	if err := l.DomainDestroy(dom); err != nil && !isNotRunning(err) && !libvirt.IsNotFound(err) {
 		log.G(ctx).WithError(err).WithField("domain", dom.Name).Warn("destroy domain")
 	}
 }
 
-// Stop shuts the guest down with an ACPI power button press and destroys
-// it if it is still running after timeout.
-func (b *Backend) Stop(ctx context.Context, id string, timeout time.Duration) error {
-	logger := log.G(ctx).WithField("sandbox", id)
-	sb, err := b.get(id)
-	if err != nil {
-		return err
-	}
-	b.mu.Lock()
-	sb.watching = false // a stop we asked for is not an exit to report
-	b.mu.Unlock()
-	l, err := b.lv()
-	if err != nil {
-		return err
-	}
-	defer b.unshape(ctx, sb)
-	dom, err := l.DomainLookupByName(sb.name)
-	if libvirt.IsNotFound(err) {
-		return nil
-	} else if err != nil {
-		return mapErr("look up domain "+sb.name, err)
-	}
-	if timeout > 0 {
-		if err := l.DomainShutdown(dom); err != nil {
-			if isNotRunning(err) {
-				return nil
-			}
-			logger.WithError(err).Warn("graceful shutdown failed; destroying")
-		} else if b.waitShutoff(ctx, l, dom, timeout) {
-			logger.Debug("vm sandbox shut down")
-			return nil
-		} else {
-			logger.WithField("timeout", timeout).Warn("guest did not power off in time; destroying")
-		}
-	}
-	if err := l.DomainDestroy(dom); err != nil && !isNotRunning(err) && !libvirt.IsNotFound(err) {
-		return mapErr("destroy domain "+sb.name, err)
-	}
-	return nil
-}
-
-func (b *Backend) waitShutoff(ctx context.Context, l *libvirt.Libvirt, dom libvirt.Domain, timeout time.Duration) bool {
-	deadline := time.NewTimer(timeout)
-	defer deadline.Stop()
-	tick := time.NewTicker(100 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		st, _, err := l.DomainGetState(dom, 0)
-		if libvirt.IsNotFound(err) || (err == nil && libvirt.DomainState(st) == libvirt.DomainShutoff) {
-			return true
-		}
-		select {
-		case <-ctx.Done():
-			return false
-		case <-deadline.C:
-			return false
-		case <-tick.C:
-		}
-	}
-}
-
-// Update applies changed resources: live on a running domain (schedinfo,
-// memtune, balloon, vCPUs, blkiotune, tc) and to the persistent definition
-// for the next start. vCPUs and memory can only move within the maximum the
-// domain was defined with (Config.MaxVCPUs / MaxMemory); asking for more
-// fails with ErrFailedPrecondition and changes nothing. pid_limit,
-// cpuset_cpus and storage_limit changes take effect at the next start
-// only; Usage lists them as unenforced meanwhile.
-func (b *Backend) Update(ctx context.Context, id string, info resourceinfo.ResourceInfo) error {
-	logger := log.G(ctx).WithField("sandbox", id)
-	sb, err := b.get(id)
-	if err != nil {
-		return err
-	}
-	nd, err := DomainFor(id, sb.dir, info, b.cfg)
-	if err != nil {
-		return err
-	}
-	live := nd.SplitLive()
-	l, err := b.lv()
-	if err != nil {
-		return err
-	}
-	dom, err := l.DomainLookupByName(sb.name)
-	if err != nil {
-		return mapErr("look up domain "+sb.name, err)
-	}
-	old := sb.def
-	if old == nil { // recovered: read the definition back
-		x, err := l.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive)
-		if err != nil {
-			return mapErr("read domain "+sb.name, err)
-		}
-		if old, err = ParseDomain(x); err != nil {
-			return err
-		}
-	}
-	// Keep the maxima the domain runs with; grow only the current values.
-	newVCPUs := nd.VCPU.Value
-	if nd.VCPU.Current != 0 {
-		newVCPUs = nd.VCPU.Current
-	}
-	if newVCPUs > old.VCPU.Value {
-		return fmt.Errorf("vm sandbox %q: %d vCPUs exceed the domain's maximum of %d (raise MaxVCPUs; applies to new sandboxes): %w",
-			id, newVCPUs, old.VCPU.Value, errdefs.ErrFailedPrecondition)
-	}
-	if nd.CurrentMemory.Value > old.Memory.Value {
-		return fmt.Errorf("vm sandbox %q: %d KiB of memory exceed the domain's maximum of %d KiB (raise MaxMemory; applies to new sandboxes): %w",
-			id, nd.CurrentMemory.Value, old.Memory.Value, errdefs.ErrFailedPrecondition)
-	}
-	nd.VCPU.Value = old.VCPU.Value
-	nd.VCPU.Current = newVCPUs
-	if nd.VCPU.Current == nd.VCPU.Value {
-		nd.VCPU.Current = 0
-	}
-	if nd.CPUTune != nil && len(nd.CPUTune.VCPUPins) > 0 {
-		set := nd.CPUTune.VCPUPins[0].CPUSet
-		nd.CPUTune.VCPUPins = nil
-		for v := uint(0); v < nd.VCPU.Value; v++ {
-			nd.CPUTune.VCPUPins = append(nd.CPUTune.VCPUPins, CPUTunePin{VCPU: v, CPUSet: set})
-		}
-	}
-	nd.Memory = old.Memory
-	nd.UUID = old.UUID
-	if nd.UUID == "" {
-		nd.UUID = uuidString(dom.UUID)
-	}
-
-	st, _, err := l.DomainGetState(dom, 0)
-	if err != nil {
-		return mapErr("domain state "+sb.name, err)
-	}
-	running := libvirt.DomainState(st) == libvirt.DomainRunning || libvirt.DomainState(st) == libvirt.DomainPaused
-	if running {
-		if err := b.applyLive(ctx, l, dom, nd, live); err != nil {
-			return err
-		}
-		b.shape(ctx, sb, info)
-		var notes []string
-		r, o := info.Resources, sb.info.Resources
-		if !eqPtr(r.PidLimit, o.PidLimit) {
-			notes = append(notes, fmt.Sprintf("pid_limit: unenforced: changed to %s while running; the guest applies it at the next start", fmtInt(r.PidLimit)))
-		}
-		if !eqPtr(r.CPUSetCPUs, o.CPUSetCPUs) {
-			notes = append(notes, "cpuset_cpus: unenforced: changed while running; pinning applies at the next start")
-		}
-		if !eqPtr(r.StorageLimit, o.StorageLimit) {
-			notes = append(notes, "storage_limit: unenforced: the disk keeps its size until the sandbox is recreated")
-		}
-		b.mu.Lock()
-		for _, p := range []string{"pid_limit:", "cpuset_cpus:", "storage_limit:"} {
-			sb.unenforced = replaceNotes(sb.unenforced, p, nil)
-		}
-		sb.unenforced = append(sb.unenforced, notes...)
-		b.mu.Unlock()
-	}
-	x, err := nd.Marshal()
-	if err != nil {
-		return err
-	}
-	if _, err := l.DomainDefineXML(x); err != nil {
-		return mapErr("redefine domain "+sb.name, err)
-	}
-	b.mu.Lock()
-	sb.info, sb.def, sb.live = info, nd, live
-	b.mu.Unlock()
-	logger.WithField("running", running).Debug("vm sandbox updated")
-	return nil
-}
-
-func (b *Backend) applyLive(ctx context.Context, l *libvirt.Libvirt, dom libvirt.Domain, nd *Domain, live LiveTunables) error {
-	live32 := uint32(libvirt.DomainAffectLive)
-	// CPU: shares, global period/quota (-1: unlimited).
-	shares := uint64(resourceinfo.SharesPerCPU)
-	period, quota := uint64(resourceinfo.DefaultCPUPeriod), int64(-1)
-	if ct := nd.CPUTune; ct != nil {
-		if ct.Shares != nil {
-			shares = *ct.Shares
-		}
-		if ct.GlobalQuota != nil {
-			period, quota = *ct.GlobalPeriod, *ct.GlobalQuota
-		}
-	}
-	sched := []libvirt.TypedParam{
-		{Field: libvirt.DomainSchedulerCPUShares, Value: *libvirt.NewTypedParamValueUllong(shares)},
-		{Field: libvirt.DomainSchedulerGlobalPeriod, Value: *libvirt.NewTypedParamValueUllong(period)},
-		{Field: libvirt.DomainSchedulerGlobalQuota, Value: *libvirt.NewTypedParamValueLlong(quota)},
-	}
-	if err := l.DomainSetSchedulerParametersFlags(dom, sched, live32); err != nil {
-		return mapErr("set schedinfo", err)
-	}
-	// Memory: soft limit, then hard and swap hard together.
-	soft := uint64(libvirt.DomainMemoryParamUnlimited)
-	if nd.MemTune != nil && nd.MemTune.SoftLimit != nil {
-		soft = nd.MemTune.SoftLimit.Value
-	}
-	if err := l.DomainSetMemoryParameters(dom, []libvirt.TypedParam{
-		{Field: libvirt.DomainMemorySoftLimit, Value: *libvirt.NewTypedParamValueUllong(soft)},
-	}, live32); err != nil {
-		return mapErr("set memtune soft_limit", err)
-	}
-	if err := b.applyLiveMemory(l, dom, live); err != nil {
-		return err
-	}
-	// Balloon.
-	if err := l.DomainSetMemoryFlags(dom, nd.CurrentMemory.Value, live32); err != nil {
-		return mapErr(fmt.Sprintf("set balloon to %d KiB", nd.CurrentMemory.Value), err)
-	}
-	// vCPUs.
-	want := nd.VCPU.Value
-	if nd.VCPU.Current != 0 {
-		want = nd.VCPU.Current
-	}
-	if cur, err := l.DomainGetVcpusFlags(dom, live32); err == nil && uint(cur) != want {
-		if err := l.DomainSetVcpusFlags(dom, uint32(want), live32); err != nil {
-			if uint(cur) < want {
-				return mapErr(fmt.Sprintf("set vcpus %d -> %d", cur, want), err)
-			}
-			// The vCPUs the domain booted with are not hot-unpluggable;
-			// the global quota already holds the VM to its cpu_limit, so
-			// keeping the extra vCPU online only loses parallelism limits.
-			log.G(ctx).WithField("domain", dom.Name).WithError(err).
-				Infof("keeping %d vCPUs (cannot unplug to %d); the CPU quota still applies", cur, want)
-		}
-	}
-	// Disk I/O.
-	io := IOTune{}
-	for _, d := range nd.Devices.Disks {
-		if d.Target.Dev == DiskDev && d.IOTune != nil {
-			io = *d.IOTune
-		}
-	}
-	params := []libvirt.TypedParam{
-		{Field: libvirt.DomainBlockIotuneReadBytesSec, Value: *libvirt.NewTypedParamValueUllong(io.ReadBytesSec)},
-		{Field: libvirt.DomainBlockIotuneWriteBytesSec, Value: *libvirt.NewTypedParamValueUllong(io.WriteBytesSec)},
-		{Field: libvirt.DomainBlockIotuneReadIopsSec, Value: *libvirt.NewTypedParamValueUllong(io.ReadIOPSSec)},
-		{Field: libvirt.DomainBlockIotuneWriteIopsSec, Value: *libvirt.NewTypedParamValueUllong(io.WriteIOPSSec)},
-	}
-	if err := l.DomainSetBlockIOTune(dom, DiskDev, params, live32); err != nil {
-		return mapErr("set blkdeviotune", err)
-	}
-	return nil
-}
-
-// Usage samples the domain: CPU time (and percent since the previous
-// sample), the balloon's memory statistics, disk and network counters, the
-// limits the usage exceeds and the limits that are not enforced.
-//
-// Violations: memory_usage (guest memory in use: available - usable)
-// above memory_limit, and CPU use above cpu_limit by more than 10% (CFS
-// lets a quota overshoot within a period).
-func (b *Backend) Usage(ctx context.Context, id string) (resourceinfo.Usage, error) {
-	u := resourceinfo.Usage{Timestamp: time.Now().UTC()}
-	sb, err := b.get(id)
-	if err != nil {
-		return u, err
-	}
-	l, err := b.lv()
-	if err != nil {
-		return u, err
-	}
-	dom, err := l.DomainLookupByName(sb.name)
-	if err != nil {
-		return u, mapErr("look up domain "+sb.name, err)
-	}
-	state, _, _, _, cpuNs, err := l.DomainGetInfo(dom)
-	if err != nil {
-		return u, mapErr("domain info "+sb.name, err)
-	}
-	now := time.Now()
-	b.mu.Lock()
-	u.Unenforced = append([]string(nil), sb.unenforced...)
-	info := sb.info
-	b.mu.Unlock()
-	if libvirt.DomainState(state) != libvirt.DomainRunning && libvirt.DomainState(state) != libvirt.DomainPaused {
-		return u, nil
-	}
-	u.CPUTimeNanos = ptr(cpuNs)
-	b.mu.Lock()
-	if !sb.lastAt.IsZero() && cpuNs >= sb.lastCPU && now.After(sb.lastAt) {
-		pct := float64(cpuNs-sb.lastCPU) / float64(now.Sub(sb.lastAt).Nanoseconds()) * 100
-		u.CPUPercent = ptr(pct)
-	}
-	sb.lastCPU, sb.lastAt = cpuNs, now
-	b.mu.Unlock()
-
-	if stats, err := l.DomainMemoryStats(dom, uint32(libvirt.DomainMemoryStatNr), 0); err == nil {
-		m := map[libvirt.DomainMemoryStatTags]uint64{}
-		for _, s := range stats {
-			m[libvirt.DomainMemoryStatTags(s.Tag)] = s.Val * kib
-		}
-		if v, ok := m[libvirt.DomainMemoryStatRss]; ok {
-			u.MemoryRSS = ptr(v)
-		}
-		if v, ok := m[libvirt.DomainMemoryStatActualBalloon]; ok {
-			u.MemoryActual = ptr(v)
-		}
-		if v, ok := m[libvirt.DomainMemoryStatAvailable]; ok {
-			u.MemoryAvailable = ptr(v)
-			free, ok := m[libvirt.DomainMemoryStatUsable]
-			if !ok {
-				free, ok = m[libvirt.DomainMemoryStatUnused]
-			}
-			if ok && free <= v {
-				u.MemoryUsage = ptr(v - free)
-			}
-		}
-	}
-	if rdReq, rdBytes, wrReq, wrBytes, _, err := l.DomainBlockStats(dom, DiskDev); err == nil {
-		u.DiskReadBytes, u.DiskWriteBytes = nonNeg(rdBytes), nonNeg(wrBytes)
-		u.DiskReadOps, u.DiskWriteOps = nonNeg(rdReq), nonNeg(wrReq)
-	}
-	if sb.tap != "" {
-		if rx, _, _, _, tx, _, _, _, err := l.DomainInterfaceStats(dom, sb.tap); err == nil {
-			u.NetRxBytes, u.NetTxBytes = nonNeg(rx), nonNeg(tx)
-		}
-	}
-
-	r := info.Resources
-	if r.MemoryLimit != nil && u.MemoryUsage != nil && *u.MemoryUsage > uint64(*r.MemoryLimit) {
-		u.Violations = append(u.Violations, fmt.Sprintf("memory_usage %s > memory_limit %s",
-			fmtBytes(*u.MemoryUsage), fmtBytes(uint64(*r.MemoryLimit))))
-	}
-	if r.CPULimit != nil && u.CPUPercent != nil && *u.CPUPercent > *r.CPULimit*100*1.1 {
-		u.Violations = append(u.Violations, fmt.Sprintf("cpu_percent %.1f > cpu_limit %.3g cores", *u.CPUPercent, *r.CPULimit))
-	}
-	if r.CPUSetMems != nil && *r.CPUSetMems != "" {
-		u.Unenforced = append(u.Unenforced, "cpuset_mems: unenforced: the vm backend does not set NUMA placement")
-	}
-	if len(r.HugepageLimits) > 0 {
-		u.Unenforced = append(u.Unenforced, "hugepage_limits: unenforced: guests are not backed by hugepages")
-	}
-	return u, nil
-}
-
-// Recover re-attaches to a sandbox after a restart of the daemon.
-func (b *Backend) Recover(ctx context.Context, id, dir string, info resourceinfo.ResourceInfo, running bool, exited ExitFunc) (bool, error) {
-	logger := log.G(ctx).WithField("sandbox", id)
-	sb := b.newSandbox(id, dir, info)
-	if d, err := DomainFor(id, dir, info, b.cfg); err == nil {
-		sb.live = d.SplitLive()
-	}
-	l, err := b.lv()
-	if err != nil {
-		return false, err
-	}
-	dom, err := l.DomainLookupByName(sb.name)
-	if libvirt.IsNotFound(err) {
-		b.put(sb)
-		logger.Info("vm sandbox has no domain")
-		return false, nil
-	} else if err != nil {
-		return false, mapErr("look up domain "+sb.name, err)
-	}
-	if md, _ := domainMetadata(l, dom); md == nil || md.ID != id {
-		return false, fmt.Errorf("domain %s does not belong to sandbox %q: %w", sb.name, id, errdefs.ErrFailedPrecondition)
-	}
-	if x, err := l.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive); err == nil {
-		if d, err := ParseDomain(x); err == nil {
-			sb.def = d
-		}
-	}
-	st, _, err := l.DomainGetState(dom, 0)
-	if err != nil {
-		return false, mapErr("domain state "+sb.name, err)
-	}
-	alive := libvirt.DomainState(st) == libvirt.DomainRunning || libvirt.DomainState(st) == libvirt.DomainPaused ||
-		libvirt.DomainState(st) == libvirt.DomainBlocked
-	b.put(sb)
-	if !alive {
-		b.unshape(ctx, sb)
-		logger.WithField("expected_running", running).Info("vm sandbox domain is not running")
-		return false, nil
-	}
-	if !running {
-		logger.Warn("vm sandbox domain runs although the state says stopped")
-	}
-	b.shape(ctx, sb, info) // idempotent; restores shaping a crash may have cut short
-	b.mu.Lock()
-	sb.exited, sb.watching = exited, true
-	b.mu.Unlock()
-	b.poke()
-	logger.Info("vm sandbox recovered")
-	return true, nil
-}
-
-// Delete destroys and undefines the domain and removes the files the
-// backend created in the sandbox directory.
+// Delete destroys and undefines the domain, unmounts everything of its
+// containers, ends their stdio keepers and removes the files the backend
+// created in the sandbox directory. The mounts go before the domain's
+// definition, whose metadata names the directory: a crash in between
+// leaves a domain that Cleanup finds.
 func (b *Backend) Delete(ctx context.Context, id string) error {
 	b.mu.Lock()
 	sb, ok := b.sandboxes[id]
@@ -921,6 +533,7 @@ func (b *Backend) Delete(ctx context.Context, id string) error {
 		dir = sb.dir
 	}
 	dom, err := l.DomainLookupByName(name)
+	found := false
 	switch {
 	case err == nil:
 		md, _ := domainMetadata(l, dom)
@@ -930,16 +543,31 @@ func (b *Backend) Delete(ctx context.Context, id string) error {
 		if dir == "" && md != nil {
 			dir = md.Dir
 		}
-		if err := b.removeDomain(ctx, l, dom); err != nil {
-			return err
+		if err := l.DomainDestroy(dom); err != nil && !isNotRunning(err) && !libvirt.IsNotFound(err) {
+			return mapErr("destroy domain "+dom.Name, err)
 		}
+		found = true
 	case libvirt.IsNotFound(err):
 	default:
 		return mapErr("look up domain "+name, err)
 	}
+	if ok {
+		b.guestGone(sb)
+	}
+	b.killKeepers(id, nil)
+	if dir != "" {
+		if err := mounts.Teardown(dir); err != nil {
+			return fmt.Errorf("vm sandbox %q: %w", id, err)
+		}
+	}
+	if found {
+		if err := l.DomainUndefineFlags(dom, libvirt.DomainUndefineNvram); err != nil && !libvirt.IsNotFound(err) {
+			return mapErr("undefine domain "+dom.Name, err)
+		}
+	}
 	unshapeEgress(ctx, "", IFBName(id))
 	if dir != "" {
-		removeFiles(dir)
+		removeFiles(dir, b.cfg.SocketDir)
 	}
 	if ok {
 		b.forget(sb)
@@ -947,26 +575,32 @@ func (b *Backend) Delete(ctx context.Context, id string) error {
 	return nil
 }
 
-func (b *Backend) removeDomain(ctx context.Context, l *libvirt.Libvirt, dom libvirt.Domain) error {
-	if err := l.DomainDestroy(dom); err != nil && !isNotRunning(err) && !libvirt.IsNotFound(err) {
-		return mapErr("destroy domain "+dom.Name, err)
+// killKeepers ends the stdio keepers of sandbox id whose process keep
+// does not want (nil: all of them).
+func (b *Backend) killKeepers(id string, keep func(key string) bool) {
+	for key, pid := range findKeepers(func(key string) bool { return strings.HasPrefix(key, id+"/") }) {
+		if keep == nil || !keep(key) {
+			killKeeper(key, pid)
+		}
 	}
-	if err := l.DomainUndefineFlags(dom, libvirt.DomainUndefineNvram); err != nil && !libvirt.IsNotFound(err) {
-		return mapErr("undefine domain "+dom.Name, err)
-	}
-	return nil
 }
 
-func removeFiles(dir string) {
+func removeFiles(dir, socketDir string) {
 	for _, f := range []string{DiskFile, ConsoleFile, ReadyFile} {
 		_ = os.Remove(filepath.Join(dir, f))
 	}
+	_ = os.Remove(AgentSocketPath(dir, socketDir))
 }
 
 // Cleanup destroys and undefines every domain that carries the
-// sandboxer's metadata but whose sandbox id is not in known, removes its
-// files and ifb device, and returns the ids it removed. Domains without
-// our metadata are never touched.
+// sandboxer's metadata with this backend's owner and the name this backend
+// gives it but whose sandbox id is not in
+// known, unmounts and removes its files and ifb device, and returns the
+// ids it removed. Domains without our metadata are never touched. For the
+// known sandboxes it unmounts what no recorded container owns and ends
+// the stdio keepers of processes that are not recorded (a crash between
+// the removal of a record and its cleanup). Call it after the sandboxes
+// and their containers were recovered.
 func (b *Backend) Cleanup(ctx context.Context, known map[string]bool) ([]string, error) {
 	l, err := b.lv()
 	if err != nil {
@@ -980,17 +614,30 @@ func (b *Backend) Cleanup(ctx context.Context, known map[string]bool) ([]string,
 	var errs []error
 	for _, dom := range doms {
 		md, err := domainMetadata(l, dom)
-		if err != nil || md == nil || known[md.ID] {
+		// Only our own domains: another daemon (another prefix) may share
+		// this libvirtd.
+		if err != nil || md == nil || known[md.ID] || dom.Name != DomainName(b.cfg.NamePrefix, md.ID) || md.Owner != b.cfg.Owner {
 			continue
 		}
 		log.G(ctx).WithField("sandbox", md.ID).WithField("domain", dom.Name).Info("removing domain of unknown sandbox")
-		if err := b.removeDomain(ctx, l, dom); err != nil {
-			errs = append(errs, err)
+		if err := l.DomainDestroy(dom); err != nil && !isNotRunning(err) && !libvirt.IsNotFound(err) {
+			errs = append(errs, mapErr("destroy domain "+dom.Name, err))
+			continue
+		}
+		b.killKeepers(md.ID, nil)
+		if md.Dir != "" && filepath.IsAbs(md.Dir) {
+			if err := mounts.Teardown(md.Dir); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+		}
+		if err := l.DomainUndefineFlags(dom, libvirt.DomainUndefineNvram); err != nil && !libvirt.IsNotFound(err) {
+			errs = append(errs, mapErr("undefine domain "+dom.Name, err))
 			continue
 		}
 		unshapeEgress(ctx, "", IFBName(md.ID))
 		if md.Dir != "" && filepath.IsAbs(md.Dir) {
-			removeFiles(md.Dir)
+			removeFiles(md.Dir, b.cfg.SocketDir)
 		}
 		b.mu.Lock()
 		if sb, ok := b.sandboxes[md.ID]; ok {
@@ -1001,11 +648,47 @@ func (b *Backend) Cleanup(ctx context.Context, known map[string]bool) ([]string,
 		b.mu.Unlock()
 		removed = append(removed, md.ID)
 	}
+	// What the known sandboxes hold for containers and processes that
+	// are not recorded; only once the containers were given back
+	// (Containers was called, and its caller recovers them first).
+	b.mu.Lock()
+	if b.events == nil {
+		b.mu.Unlock()
+		log.G(ctx).Warn("vm backend: Cleanup before the containers were recovered; not sweeping their mounts")
+		return removed, errors.Join(errs...)
+	}
+	var sbs []*sandbox
+	for _, sb := range b.sandboxes {
+		if known[sb.id] {
+			sbs = append(sbs, sb)
+		}
+	}
+	b.mu.Unlock()
+	for _, sb := range sbs {
+		b.mu.Lock()
+		recorded := map[string]bool{}
+		procs := map[string]bool{}
+		for id, k := range sb.containers {
+			recorded[id] = true
+			for _, pr := range k.procs() {
+				procs[procKey(pr.p)] = true
+			}
+		}
+		b.mu.Unlock()
+		gone, err := mounts.Sweep(sb.dir, func(id string) bool { return recorded[id] })
+		if err != nil {
+			errs = append(errs, fmt.Errorf("vm sandbox %s: %w", sb.id, err))
+		}
+		if len(gone) > 0 {
+			log.G(ctx).WithField("sandbox", sb.id).WithField("containers", gone).Warn("unmounted the files of containers no record owns")
+		}
+		b.killKeepers(sb.id, func(key string) bool { return procs[key] })
+	}
 	return removed, errors.Join(errs...)
 }
 
 // domainMetadata returns our metadata element of dom, nil if it has none.
-func domainMetadata(l *libvirt.Libvirt, dom libvirt.Domain) (*SandboxMetadata, error) {
+func domainMetadata(l lvClient, dom libvirt.Domain) (*SandboxMetadata, error) {
 	x, err := l.DomainGetMetadata(dom, int32(libvirt.DomainMetadataElement), libvirt.OptString{MetadataNamespace}, 0)
 	if err != nil {
 		if isCode(err, libvirt.ErrNoDomainMetadata) {
@@ -1033,7 +716,6 @@ func (b *Backend) poke() {
 // watch turns lifecycle events (and, as a safety net, a periodic state
 // poll and a poll after every reconnection) into ExitFunc calls.
 func (b *Backend) watch(ctx context.Context) {
-	defer close(b.done)
 	tick := time.NewTicker(b.opts.PollInterval)
 	defer tick.Stop()
 	for ctx.Err() == nil {
@@ -1130,11 +812,12 @@ func (b *Backend) pollAll(ctx context.Context) {
 }
 
 // exitedByName calls the sandbox's ExitFunc once, unless Stop or Delete
-// was called for it.
+// was called for it. An exit while a Stop is under way is left to the
+// Stop: if the Stop fails, it pokes the watcher, whose poll reports it.
 func (b *Backend) exitedByName(ctx context.Context, name string, code uint32) {
 	b.mu.Lock()
 	sb, ok := b.byName[name]
-	if !ok || !sb.watching {
+	if !ok || !sb.watching || sb.stopping {
 		b.mu.Unlock()
 		return
 	}
@@ -1144,6 +827,7 @@ func (b *Backend) exitedByName(ctx context.Context, name string, code uint32) {
 	b.mu.Unlock()
 	log.G(ctx).WithField("sandbox", sb.id).WithField("code", code).Info("vm sandbox exited")
 	b.unshape(ctx, sb)
+	b.guestGone(sb)
 	if f != nil {
 		f(code, time.Now())
 	}
@@ -1168,13 +852,6 @@ func eqPtr[T comparable](a, b *T) bool {
 		return a == b
 	}
 	return *a == *b
-}
-
-func fmtInt(p *int64) string {
-	if p == nil {
-		return "unlimited"
-	}
-	return strconv.FormatInt(*p, 10)
 }
 
 func fmtBytes(v uint64) string {

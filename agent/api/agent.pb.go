@@ -513,8 +513,11 @@ type CgroupStats struct {
 	PidsCurrent uint64 `protobuf:"varint,14,opt,name=pids_current,json=pidsCurrent,proto3" json:"pids_current,omitempty"`
 	PidsMax     uint64 `protobuf:"varint,15,opt,name=pids_max,json=pidsMax,proto3" json:"pids_max,omitempty"`
 	// cpu.max as set: quota (-1: max) and period.
-	CpuQuota      int64  `protobuf:"varint,16,opt,name=cpu_quota,json=cpuQuota,proto3" json:"cpu_quota,omitempty"`
-	CpuPeriod     uint64 `protobuf:"varint,17,opt,name=cpu_period,json=cpuPeriod,proto3" json:"cpu_period,omitempty"`
+	CpuQuota  int64  `protobuf:"varint,16,opt,name=cpu_quota,json=cpuQuota,proto3" json:"cpu_quota,omitempty"`
+	CpuPeriod uint64 `protobuf:"varint,17,opt,name=cpu_period,json=cpuPeriod,proto3" json:"cpu_period,omitempty"`
+	// pids.events max: forks refused because a pids.max limit was hit,
+	// counted in the cgroup of the process that forked.
+	PidsEventsMax uint64 `protobuf:"varint,18,opt,name=pids_events_max,json=pidsEventsMax,proto3" json:"pids_events_max,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -664,6 +667,13 @@ func (x *CgroupStats) GetCpuQuota() int64 {
 func (x *CgroupStats) GetCpuPeriod() uint64 {
 	if x != nil {
 		return x.CpuPeriod
+	}
+	return 0
+}
+
+func (x *CgroupStats) GetPidsEventsMax() uint64 {
+	if x != nil {
+		return x.PidsEventsMax
 	}
 	return 0
 }
@@ -1622,7 +1632,7 @@ const file_agent_proto_rawDesc = "" +
 	"\x14UpdateSandboxRequest\x128\n" +
 	"\tresources\x18\x01 \x01(\v2\x1a.rss.agent.v1.PodResourcesR\tresources\":\n" +
 	"\x13SandboxStatsRequest\x12#\n" +
-	"\rcontainer_ids\x18\x01 \x03(\tR\fcontainerIds\"\xb8\x04\n" +
+	"\rcontainer_ids\x18\x01 \x03(\tR\fcontainerIds\"\xe0\x04\n" +
 	"\vCgroupStats\x12$\n" +
 	"\x0ecpu_usage_usec\x18\x01 \x01(\x04R\fcpuUsageUsec\x12\"\n" +
 	"\rcpu_user_usec\x18\x02 \x01(\x04R\vcpuUserUsec\x12&\n" +
@@ -1647,7 +1657,8 @@ const file_agent_proto_rawDesc = "" +
 	"\bpids_max\x18\x0f \x01(\x04R\apidsMax\x12\x1b\n" +
 	"\tcpu_quota\x18\x10 \x01(\x03R\bcpuQuota\x12\x1d\n" +
 	"\n" +
-	"cpu_period\x18\x11 \x01(\x04R\tcpuPeriod\"\xab\x02\n" +
+	"cpu_period\x18\x11 \x01(\x04R\tcpuPeriod\x12&\n" +
+	"\x0fpids_events_max\x18\x12 \x01(\x04R\rpidsEventsMax\"\xab\x02\n" +
 	"\x14SandboxStatsResponse\x128\n" +
 	"\ttimestamp\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\ttimestamp\x12+\n" +
 	"\x03pod\x18\x02 \x01(\v2\x19.rss.agent.v1.CgroupStatsR\x03pod\x12R\n" +

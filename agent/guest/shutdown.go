@@ -1,0 +1,98 @@
+package guest
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
+)
+
+// DefaultStopGrace is how long the containers get between SIGTERM and
+// SIGKILL when the guest stops (the ACPI power button, a Shutdown without
+// a timeout).
+const DefaultStopGrace = 5 * time.Second
+
+// Shutdown stops every container: SIGTERM to all their processes, SIGKILL
+// to what is left after grace; then syncs and, with powerOff, powers the
+// guest off (Config.PowerOff) shortly after returning, so that the RPC
+// that asked can still be answered. Concurrent and later calls wait for
+// the first.
+func (a *Agent) Shutdown(ctx context.Context, grace time.Duration, powerOff bool) {
+	first := false
+	a.shutdownOnce.Do(func() {
+		first = true
+		a.setupMu.Lock()
+		defer a.setupMu.Unlock()
+		a.stopAll(ctx, grace)
+		unix.Sync()
+		close(a.shutdownDone)
+	})
+	if !first {
+		<-a.shutdownDone
+	}
+	if first && powerOff && a.cfg.PowerOff != nil {
+		go func() {
+			time.Sleep(200 * time.Millisecond)
+			a.cfg.PowerOff()
+		}()
+	}
+}
+
+// containerCgroups are the cgroups with container processes: the pod's and
+// those of containers whose spec put them elsewhere.
+func (a *Agent) containerCgroups() []string {
+	dirs := []string{a.podDir}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, c := range a.containers {
+		if rel, err := filepath.Rel(a.podDir, c.cgroup); err != nil || strings.HasPrefix(rel, "..") {
+			dirs = append(dirs, c.cgroup)
+		}
+	}
+	return dirs
+}
+
+func (a *Agent) stopAll(ctx context.Context, grace time.Duration) {
+	dirs := a.containerCgroups()
+	signalAll := func(sig unix.Signal) int {
+		n := 0
+		for _, d := range dirs {
+			for _, pid := range cgroupProcs(d) {
+				if pid != os.Getpid() && unix.Kill(pid, sig) == nil {
+					n++
+				}
+			}
+		}
+		return n
+	}
+	busy := func() bool {
+		for _, d := range dirs {
+			if populated(d) {
+				return true
+			}
+		}
+		return false
+	}
+	n := signalAll(unix.SIGTERM)
+	log.G(ctx).WithFields(log.Fields{"processes": n, "grace": grace}).Info("stopping the containers")
+	deadline := time.Now().Add(grace)
+	for busy() && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if busy() {
+		for _, d := range dirs {
+			// cgroup.kill kills the whole subtree at once (Linux 5.14).
+			if err := os.WriteFile(filepath.Join(d, "cgroup.kill"), []byte("1"), 0); err != nil {
+				signalAll(unix.SIGKILL)
+			}
+		}
+		log.G(ctx).Warn("containers still running after the grace period: killed")
+		for i := 0; i < 40 && busy(); i++ {
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+}
