@@ -284,7 +284,7 @@ func TestUnreachableEvents(t *testing.T) {
 				begin := time.Now()
 				require.NoError(t, h.stopSandboxer(syscall.SIGTERM))
 				t.Logf("events unreachable (%s): RunPodSandbox %s, CreateContainer %s, StartContainer %s (mean of 3), StopContainer %s, RemoveContainer %s, StopPodSandbox %s, SIGTERM to exit %s",
-					tc.desc, ms(runp), ms(create/3), ms(start/3), ms(stop), ms(rm), ms(stopp), ms(time.Since(begin)))
+					tc.desc, roundMS(runp), roundMS(create/3), roundMS(start/3), roundMS(stop), roundMS(rm), roundMS(stopp), roundMS(time.Since(begin)))
 			})
 			logs := h.logSince(t, logStart)
 			assert.Equal(t, 1, strings.Count(logs, "cannot forward task events"), "the address is logged once:\n%s", logs)
@@ -294,7 +294,7 @@ func TestUnreachableEvents(t *testing.T) {
 	}
 }
 
-func ms(d time.Duration) string { return d.Round(time.Millisecond).String() }
+func roundMS(d time.Duration) string { return d.Round(time.Millisecond).String() }
 
 // TestSecondDaemon: a second daemon on the state directory of the
 // running one refuses to start with a clear error and changes nothing;

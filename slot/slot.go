@@ -113,11 +113,13 @@ func (b *Backend) Usage(_ context.Context, id string) (resourceinfo.Usage, error
 	b.mu.Lock()
 	sb, ok := b.sandboxes[id]
 	var limits resourceinfo.Resources
+	running := false
 	if ok {
-		limits = sb.info.Resources
+		// Read under the lock: Stop and Update write them.
+		limits, running = sb.info.Resources, sb.running
 	}
 	b.mu.Unlock()
-	if !ok || !sb.running {
+	if !running {
 		return resourceinfo.Usage{}, fmt.Errorf("slot %s is not running: %w", id, errdefs.ErrFailedPrecondition)
 	}
 	return b.ctrs.usage(id, limits, time.Now()), nil
