@@ -19,6 +19,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // TempPrefix starts the name of every temp file this package creates.
@@ -85,6 +87,31 @@ func WriteFiles(dir string, durable bool, files ...File) (retErr error) {
 		return nil
 	}
 	return SyncDir(dir)
+}
+
+// WriteTemp writes data, not synced, to a temp file beside name in dir and
+// returns its path: the caller renames it over name, or removes it.
+func WriteTemp(dir, name string, data []byte) (string, error) {
+	tmp, err := writeTemp(dir, name, data, false)
+	if err != nil && tmp != "" {
+		os.Remove(tmp)
+		tmp = ""
+	}
+	return tmp, err
+}
+
+// SyncFS makes everything written to the file system holding dir durable
+// (syncfs(2)): one call for what many files' syncs would cost.
+func SyncFS(dir string) error {
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	if err := unix.Syncfs(fd); err != nil {
+		return fmt.Errorf("syncfs %s: %w", dir, err)
+	}
+	return nil
 }
 
 // writeTemp writes data to a temp file beside name.
