@@ -58,6 +58,15 @@ func Run(ctx context.Context, cfg config.Config, ready func()) error {
 	if err != nil {
 		return err
 	}
+	// Last, once nothing commits any more: compacts the journal so the
+	// next start reads the sandboxes' files only.
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownGrace)
+		defer cancel()
+		if err := ctrl.Close(cctx); err != nil {
+			log.G(ctx).WithError(err).Warn("close the sandbox store")
+		}
+	}()
 	ops.attach(ctrl)
 	if _, err := ctrl.Recover(ctx); err != nil {
 		return fmt.Errorf("recover sandboxes: %w", err)

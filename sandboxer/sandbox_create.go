@@ -73,7 +73,7 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 	}()
 
 	if err := mkdirSandbox(sb.dir); err != nil {
-		return err
+		return storageError(sb.dir, err)
 	}
 	defer func() {
 		if retErr != nil {
@@ -114,7 +114,7 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 			}
 		}
 	}()
-	// Not synced (see commit): Start makes the sandbox durable.
+	// Written, not synced (see commit): Start makes it durable.
 	if err := c.commit(sb, st); err != nil {
 		return err
 	}

@@ -48,7 +48,7 @@ func (c *Controller) Status(ctx context.Context, id string, verbose bool) (sandb
 		State:     StateNotReady,
 		CreatedAt: st.CreatedAt,
 	}
-	if st.Phase == PhaseReady {
+	if st.Phase == PhaseReady && !sb.unknown.Load() {
 		status.State = StateReady
 		status.Address = c.opts.TaskAddress
 		status.Version = TaskAPIVersion

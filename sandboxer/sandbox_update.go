@@ -3,7 +3,6 @@ package sandboxer
 import (
 	"context"
 	"fmt"
-	"reflect"
 
 	"github.com/containerd/containerd/v2/core/sandbox"
 	"github.com/containerd/errdefs"
@@ -84,13 +83,10 @@ func (c *Controller) change(ctx context.Context, id string, fn func(*State) erro
 	if err := fn(st); err != nil {
 		return err
 	}
-	ri := st.ResourceInfo()
-	ri.UpdatedAt = old.info.UpdatedAt
-	if reflect.DeepEqual(ri, old.info) {
-		// A task's status changed, not the resources: only persist.
-		// Synced like the rest: an unsynced rename over the synced
-		// state could leave an empty file after a power loss.
-		return c.commit(sb, st)
+	ri, changed := c.resourcesOf(old, st)
+	if !changed {
+		// A task's status changed, not the resources: only record it.
+		return c.commitResources(sb, st, ri, false)
 	}
 	holds := st.Phase != PhaseStopped
 	if holds {
@@ -111,7 +107,7 @@ func (c *Controller) change(ctx context.Context, id string, fn func(*State) erro
 		undo()
 		return fmt.Errorf("%s backend: update sandbox %s: %w", c.Mode(), id, err)
 	}
-	if err := c.commit(sb, st); err != nil {
+	if err := c.commitResources(sb, st, ri, true); err != nil {
 		undo()
 		// Put the backend back to what is on disk.
 		if rerr := c.opts.Backend.Update(context.WithoutCancel(ctx), id, old.info); rerr != nil {

@@ -59,6 +59,10 @@ type State struct {
 	Containers map[string]*Container `json:"containers"`
 	// Ledger accrues what the sandbox held while it ran.
 	Ledger Ledger `json:"ledger"`
+	// ResourcesUpdatedAt is when the effective resources last changed:
+	// resource_info.json's updated_at, kept here so that the file is a
+	// function of the state.
+	ResourcesUpdatedAt time.Time `json:"resources_updated_at,omitzero"`
 }
 
 // Container is what the sandbox records of one of its containers.
@@ -122,18 +126,34 @@ func (s *State) ResourceInfo() resourceinfo.ResourceInfo {
 	return resourceinfo.Compute(s.Spec, cs)
 }
 
-// clone deep-copies a state through JSON, so that a failed change can be
-// rolled back and readers never share maps with a writer.
+// clone copies a state for a change: the copy's maps of containers, its
+// containers and their task records are its own, so a change to it leaves
+// the original (a snapshot readers may hold) as it was, and a failed change
+// is dropped with the copy.
+//
+// What a state reaches beyond that is shared, and never changed in place:
+// a change replaces a pointer, a map or a slice (a new time, new
+// resources, new annotations), it never writes through one. That is what
+// lets a clone cost a few allocations, and lets commit tell unchanged
+// resources by the identity of their values (sameResourceInputs).
 func (s *State) clone() *State {
-	data, err := json.Marshal(s)
-	if err != nil {
-		panic(fmt.Sprintf("state of %s does not encode: %v", s.ID, err))
-	}
-	var c State
-	if err := json.Unmarshal(data, &c); err != nil {
-		panic(fmt.Sprintf("state of %s does not decode: %v", s.ID, err))
+	c := *s
+	if s.Containers != nil {
+		c.Containers = make(map[string]*Container, len(s.Containers))
+		for id, ctr := range s.Containers {
+			c.Containers[id] = ctr.clone()
+		}
 	}
 	return &c
+}
+
+func (c *Container) clone() *Container {
+	cc := *c
+	if c.Task != nil {
+		t := *c.Task
+		cc.Task = &t
+	}
+	return &cc
 }
 
 // ValidateID rejects sandbox and container IDs that are not safe as one
@@ -151,26 +171,74 @@ func ValidateID(kind, id string) error {
 	return nil
 }
 
-// persist writes resource_info.json (when info is not nil) and then
-// state.json, each atomically. state.json is the commit point: it is
-// renamed last and, when durable, synced; recovery trusts it and rewrites
-// resource_info.json from it when that is missing, damaged or stale, so
-// resource_info.json, derived, needs no sync of its own.
-func persist(dir string, durable bool, s *State, info *resourceinfo.ResourceInfo) error {
-	var files []statefile.File
-	if info != nil {
-		data, err := statefile.EncodeJSON(info)
-		if err != nil {
-			return err
-		}
-		files = append(files, statefile.File{Name: ResourceInfoFile, Data: data, Derived: true})
-	}
-	data, err := statefile.EncodeJSON(s)
+// encodeState is a state as the journal records it: compact JSON without
+// its null members (most of the Resources' fields are null), which halves
+// a record.
+func encodeState(s *State) ([]byte, error) {
+	data, err := json.Marshal(s)
 	if err != nil {
-		return err
+		return nil, fmt.Errorf("encode state of %s: %w", s.ID, err)
 	}
-	files = append(files, statefile.File{Name: StateFile, Data: data})
-	return statefile.WriteFiles(dir, durable, files...)
+	return stripNulls(data), nil
+}
+
+// stripNulls removes the members whose value is null from compact JSON
+// (json.Marshal's output), in place. Decoding gives the same value: a
+// missing member leaves a pointer, map or slice nil, as null does.
+func stripNulls(in []byte) []byte {
+	out := in[:0]
+	inString, escaped := false, false
+	key := -1 // where the last string began in out
+	for i := 0; i < len(in); i++ {
+		c := in[i]
+		if inString {
+			out = append(out, c)
+			switch {
+			case escaped:
+				escaped = false
+			case c == '\\':
+				escaped = true
+			case c == '"':
+				inString = false
+			}
+			continue
+		}
+		switch {
+		case c == '"':
+			inString = true
+			key = len(out)
+			out = append(out, c)
+		case c == ':' && i+5 < len(in) && string(in[i+1:i+5]) == "null" && (in[i+5] == ',' || in[i+5] == '}'):
+			// Drop `"key":null` and one comma around it.
+			sep := out[key-1]
+			out = out[:key]
+			i += 4
+			if in[i+1] == ',' {
+				i++
+			} else if sep == ',' {
+				out = out[:len(out)-1]
+			}
+		default:
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// decodeState reads a state the journal recorded.
+func decodeState(data []byte, id string) (*State, error) {
+	var s State
+	if err := json.Unmarshal(data, &s); err != nil {
+		return nil, fmt.Errorf("decode journal record: %w", err)
+	}
+	return &s, checkState(&s, id)
+}
+
+// encodeInfo is resource_info.json of a state whose effective resources
+// are ri.
+func encodeInfo(s *State, ri resourceinfo.ResourceInfo) ([]byte, error) {
+	ri.UpdatedAt = s.ResourcesUpdatedAt
+	return statefile.EncodeJSON(ri)
 }
 
 // loadState reads and checks a sandbox's state.json.
@@ -179,15 +247,19 @@ func loadState(dir, id string) (*State, error) {
 	if err := statefile.ReadJSON(filepath.Join(dir, StateFile), &s); err != nil {
 		return nil, err
 	}
+	return &s, checkState(&s, id)
+}
+
+func checkState(s *State, id string) error {
 	switch {
 	case s.Version != stateVersion:
-		return nil, fmt.Errorf("state version %d, want %d", s.Version, stateVersion)
+		return fmt.Errorf("state version %d, want %d", s.Version, stateVersion)
 	case s.ID != id:
-		return nil, fmt.Errorf("state is for sandbox %q", s.ID)
+		return fmt.Errorf("state is for sandbox %q", s.ID)
 	case s.Phase != PhaseCreated && s.Phase != PhaseReady && s.Phase != PhaseStopped:
-		return nil, fmt.Errorf("unknown phase %q", s.Phase)
+		return fmt.Errorf("unknown phase %q", s.Phase)
 	}
-	return &s, nil
+	return nil
 }
 
 // ReadResourceInfo reads a sandbox's resource_info.json.

@@ -1,0 +1,166 @@
+package sandboxer
+
+import (
+	"encoding/json"
+	"reflect"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
+)
+
+func TestStripNulls(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{`{"a":null}`, `{}`},
+		{`{"a":null,"b":1}`, `{"b":1}`},
+		{`{"a":1,"b":null}`, `{"a":1}`},
+		{`{"a":1,"b":null,"c":2}`, `{"a":1,"c":2}`},
+		{`{"a":null,"b":null}`, `{}`},
+		{`{"a":{"b":null},"c":[null,1],"d":null}`, `{"a":{},"c":[null,1]}`},
+		{`{"s":"x:null,","t":null}`, `{"s":"x:null,"}`},
+		{`{"s":"q\":null}","t":null}`, `{"s":"q\":null}"}`},
+		{`{"k\\":null}`, `{}`},
+		{`{"nullable":"null","n":0}`, `{"nullable":"null","n":0}`},
+		{`[{"a":null}]`, `[{}]`},
+	} {
+		got := stripNulls([]byte(tc.in))
+		assert.Equal(t, tc.want, string(got), tc.in)
+		assert.True(t, json.Valid(got), tc.in)
+	}
+}
+
+// fullState is a state with every kind of field set.
+func fullState() *State {
+	now := time.Date(2026, 1, 2, 3, 4, 5, 6, time.UTC)
+	cpu, mem := 1.5, int64(1<<30)
+	return &State{
+		Version: stateVersion, ID: "sb", Mode: "slot", Phase: PhaseReady,
+		CreatedAt: now, StartedAt: &now, Pid: 7, NetNSPath: "/x",
+		Annotations: map[string]string{"a": "null", "b": ":null,"},
+		Config:      json.RawMessage(`{"metadata":{"name":"p"}}`),
+		Spec: resourceinfo.Spec{
+			Annotations: resourceinfo.Resources{CPULimit: &cpu, Unified: map[string]string{"memory.high": "max"}},
+			Linux:       resourceinfo.Resources{MemoryLimit: &mem, HugepageLimits: map[string]uint64{"2MB": 4 << 20}},
+		},
+		Containers: map[string]*Container{
+			"c1": {Resources: resourceinfo.Resources{CPULimit: &cpu}, Task: &TaskRecord{
+				Namespace: "k8s.io", Bundle: "/b", Status: TaskRunning, Pid: 1 << 22, CreatedAt: now, StartedAt: &now,
+				Simulation: Simulation{ExitAfter: time.Second, CPUUsage: 0.5}, Meta: json.RawMessage(`{"name":"c"}`),
+			}},
+			"c2": {},
+		},
+		Ledger:             Ledger{CPUCoreSeconds: 3, Since: &now},
+		ResourcesUpdatedAt: now,
+	}
+}
+
+// TestEncodeStateRoundTrip: a journal record decodes to the state it was
+// made of, though it has none of the null members.
+func TestEncodeStateRoundTrip(t *testing.T) {
+	st := fullState()
+	data, err := encodeState(st)
+	require.NoError(t, err)
+	var tree any
+	require.NoError(t, json.Unmarshal(data, &tree))
+	var noNull func(v any)
+	noNull = func(v any) {
+		switch v := v.(type) {
+		case map[string]any:
+			for k, x := range v {
+				assert.NotNil(t, x, "member %q is null", k)
+				noNull(x)
+			}
+		case []any:
+			for _, x := range v {
+				noNull(x)
+			}
+		}
+	}
+	noNull(tree)
+	full, err := json.Marshal(st)
+	require.NoError(t, err)
+	t.Logf("record %d bytes, %d with nulls", len(data), len(full))
+	back, err := decodeState(data, "sb")
+	require.NoError(t, err)
+	var want State
+	require.NoError(t, json.Unmarshal(full, &want))
+	assert.Equal(t, &want, back)
+}
+
+// TestCloneShares: a clone owns what a change writes into (the state, its
+// container map, containers and task records), and shares what a change
+// only ever replaces. A field added to these types must be either copied
+// by clone or listed here as replaced, never written through.
+func TestCloneShares(t *testing.T) {
+	replaced := map[string]bool{
+		// Set at Create, never changed.
+		"State.Annotations": true, "State.Config": true,
+		// Replaced as a whole by a change.
+		"State.StartedAt": true, "State.ExitedAt": true, "State.Spec": true, "Ledger.Since": true,
+		"Container.Resources":  true,
+		"TaskRecord.StartedAt": true, "TaskRecord.ExitedAt": true, "TaskRecord.Meta": true,
+	}
+	st := fullState()
+	c := st.clone()
+	assert.Equal(t, st, c)
+	var walk func(path string, a, b reflect.Value)
+	walk = func(path string, a, b reflect.Value) {
+		if replaced[path] {
+			return
+		}
+		switch a.Kind() {
+		case reflect.Pointer:
+			if a.IsNil() {
+				return
+			}
+			assert.NotEqual(t, a.Pointer(), b.Pointer(), "%s is shared by a clone: copy it in clone, or list it as replaced", path)
+			walk(path, a.Elem(), b.Elem())
+		case reflect.Map:
+			if a.IsNil() {
+				return
+			}
+			assert.NotEqual(t, a.Pointer(), b.Pointer(), "%s is shared by a clone", path)
+			for _, k := range a.MapKeys() {
+				walk(path, a.MapIndex(k), b.MapIndex(k))
+			}
+		case reflect.Slice:
+			if a.Len() > 0 {
+				assert.NotEqual(t, a.Pointer(), b.Pointer(), "%s is shared by a clone", path)
+			}
+		case reflect.Struct:
+			if a.Type() == reflect.TypeOf(time.Time{}) {
+				return
+			}
+			for i := range a.NumField() {
+				walk(a.Type().Name()+"."+a.Type().Field(i).Name, a.Field(i), b.Field(i))
+			}
+		}
+	}
+	walk("State", reflect.ValueOf(st), reflect.ValueOf(c))
+}
+
+// TestSameResourceInputs: a clone has the same inputs, a change of any
+// of them is seen.
+func TestSameResourceInputs(t *testing.T) {
+	st := fullState()
+	assert.True(t, sameResourceInputs(st, st.clone()))
+	two := 2.0
+	for desc, change := range map[string]func(*State){
+		"pod annotation":      func(s *State) { s.Spec.Annotations.CPULimit = &two },
+		"pod linux":           func(s *State) { s.Spec.Linux.Unified = map[string]string{} },
+		"overhead":            func(s *State) { s.Spec.Overhead.PidLimit = new(int64) },
+		"container resources": func(s *State) { s.Containers["c1"].Resources.CPULimit = &two },
+		"new container":       func(s *State) { s.Containers["c3"] = &Container{} },
+		"removed container":   func(s *State) { delete(s.Containers, "c2") },
+	} {
+		c := st.clone()
+		change(c)
+		assert.False(t, sameResourceInputs(st, c), desc)
+	}
+	c := st.clone()
+	c.Phase, c.Containers["c1"].Task.Status = PhaseStopped, TaskStopped
+	assert.True(t, sameResourceInputs(st, c), "a status is not a resource input")
+}
