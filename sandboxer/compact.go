@@ -96,7 +96,7 @@ func (c *Controller) compactOne(id string) error {
 	sb.store.Lock()
 	defer sb.store.Unlock()
 	if sb.removed {
-		return os.RemoveAll(sb.dir)
+		return os.RemoveAll(c.Dir(sb.id))
 	}
 	snap := sb.snap.Load()
 	if snap == nil {
@@ -109,19 +109,19 @@ func (c *Controller) compactOne(id string) error {
 		return err
 	}
 	file := statefile.File{Name: StateFile, Data: data}
-	err = statefile.WriteFiles(sb.dir, false, file)
+	err = statefile.WriteFiles(c.Dir(sb.id), false, file)
 	if errors.Is(err, fs.ErrNotExist) {
 		// Its directory was removed behind the daemon's back: rebuilt.
 		log.L.WithField("sandbox", sb.id).Warn("rebuilding a sandbox directory that was removed")
 		var info []byte
 		if info, err = encodeInfo(snap.state, snap.info); err == nil {
-			if err = os.Mkdir(sb.dir, 0o700); err == nil {
-				err = statefile.WriteFiles(sb.dir, false, statefile.File{Name: ResourceInfoFile, Data: info, Derived: true}, file)
+			if err = os.Mkdir(c.Dir(sb.id), 0o700); err == nil {
+				err = statefile.WriteFiles(c.Dir(sb.id), false, statefile.File{Name: ResourceInfoFile, Data: info, Derived: true}, file)
 			}
 		}
 	}
 	if err != nil {
-		return fmt.Errorf("compact sandbox %s: %w", sb.id, storageError(sb.dir, err))
+		return fmt.Errorf("compact sandbox %s: %w", sb.id, storageError(c.Dir(sb.id), err))
 	}
 	return nil
 }

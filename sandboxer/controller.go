@@ -112,7 +112,7 @@ var _ sandbox.Controller = (*Controller)(nil)
 // sandboxEntry is one sandbox in memory. op serializes the calls that
 // change it; readers use the snapshot and never wait for a slow Start.
 type sandboxEntry struct {
-	id, dir string
+	id string
 
 	op   sync.Mutex
 	gone bool // removed, or its Create failed; guarded by op
@@ -251,6 +251,20 @@ func (c *Controller) List() []SandboxView {
 	return out
 }
 
+// States returns every sandbox's state, without its resources: a lighter
+// List for callers that visit many sandboxes. Do not modify them.
+func (c *Controller) States() []*State {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	out := make([]*State, 0, len(c.sandboxes))
+	for _, sb := range c.sandboxes {
+		if snap := sb.snap.Load(); snap != nil {
+			out = append(out, snap.state)
+		}
+	}
+	return out
+}
+
 // Get returns one sandbox's state and resources.
 func (c *Controller) Get(id string) (SandboxView, error) {
 	sb, err := c.get(id)
@@ -296,14 +310,15 @@ func (c *Controller) commitResources(sb *sandboxEntry, st *State, ri resourceinf
 	if err != nil {
 		return err
 	}
-	var tmp string
+	var tmp, dir string
 	if changed {
 		data, err := encodeInfo(st, ri)
 		if err != nil {
 			return err
 		}
-		if tmp, err = statefile.WriteTemp(sb.dir, ResourceInfoFile, data); err != nil {
-			return fmt.Errorf("save sandbox %s: %w", sb.id, storageError(sb.dir, err))
+		dir = c.Dir(sb.id)
+		if tmp, err = statefile.WriteTemp(dir, ResourceInfoFile, data); err != nil {
+			return fmt.Errorf("save sandbox %s: %w", sb.id, storageError(dir, err))
 		}
 	}
 	sb.store.Lock()
@@ -322,7 +337,7 @@ func (c *Controller) commitResources(sb *sandboxEntry, st *State, ri resourceinf
 		return fmt.Errorf("save sandbox %s: %w", sb.id, storageError(filepath.Join(c.opts.Root, JournalDir), err))
 	}
 	if tmp != "" {
-		if err := os.Rename(tmp, filepath.Join(sb.dir, ResourceInfoFile)); err != nil {
+		if err := os.Rename(tmp, filepath.Join(dir, ResourceInfoFile)); err != nil {
 			// Recorded all the same: recovery rewrites the file.
 			os.Remove(tmp)
 			log.L.WithError(err).WithField("sandbox", sb.id).Error("replace " + ResourceInfoFile)
@@ -353,14 +368,11 @@ func (c *Controller) resourcesOf(old *snapshot, st *State) (resourceinfo.Resourc
 }
 
 // sameResourceInputs reports whether st has the resource inputs of old by
-// identity: the same values (pointers, maps), which a clone shares and a
-// change replaces (State.clone). A false negative only costs a
-// recomputation.
+// identity: the same spec and the same values (pointers, maps) in the
+// containers' resources, which a clone shares and a change replaces
+// (State.clone). A false negative only costs a recomputation.
 func sameResourceInputs(old, st *State) bool {
-	if !sameResources(&old.Spec.Annotations, &st.Spec.Annotations) ||
-		!sameResources(&old.Spec.Linux, &st.Spec.Linux) ||
-		!sameResources(&old.Spec.Overhead, &st.Spec.Overhead) ||
-		len(old.Containers) != len(st.Containers) {
+	if old.Spec != st.Spec || len(old.Containers) != len(st.Containers) {
 		return false
 	}
 	for id, ctr := range st.Containers {

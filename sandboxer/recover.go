@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	goruntime "runtime"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"time"
@@ -192,6 +193,8 @@ func (c *Controller) Recover(ctx context.Context) (RecoverReport, error) {
 
 	c.startCompactor()
 	rep.Collected = append(rep.Collected, c.CollectCreated(ctx)...)
+	// Recovery read every file: give back what it no longer needs.
+	debug.FreeOSMemory()
 	log.G(ctx).WithFields(log.Fields{
 		"loaded": rep.Loaded, "ready": rep.Ready, "exited": len(rep.Exited), "unknown": len(rep.Unknown),
 		"quarantined": len(rep.Quarantined), "collected": len(rep.Collected),
@@ -288,7 +291,7 @@ func (c *Controller) recoverOne(ctx context.Context, it recoverItem) (recoverRes
 			return recoverResult{}, err
 		}
 	}
-	sb := &sandboxEntry{id: id, dir: dir, exited: make(chan struct{})}
+	sb := &sandboxEntry{id: id, exited: make(chan struct{})}
 	sb.snap.Store(&snapshot{state: st, info: ri})
 	res := recoverResult{loaded: true}
 	running := st.Phase == PhaseReady
@@ -362,7 +365,7 @@ func (c *Controller) retryRecover(sb *sandboxEntry) {
 				return
 			}
 			rctx, cancel := context.WithTimeout(ctx, recoverTimeout)
-			alive, err := c.opts.Backend.Recover(rctx, sb.id, sb.dir, snap.info, true, c.exitFunc(sb))
+			alive, err := c.opts.Backend.Recover(rctx, sb.id, c.Dir(sb.id), snap.info, true, c.exitFunc(sb))
 			cancel()
 			switch {
 			case err == nil && alive:

@@ -39,8 +39,10 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 	if err != nil {
 		return err
 	}
-	annotations := cfg.GetAnnotations()
-	if len(annotations) == 0 && len(o.Annotations) > 0 {
+	// The pod annotations are in the config; the state keeps the
+	// request's only when they are what the resources come from.
+	var annotations map[string]string
+	if len(cfg.GetAnnotations()) == 0 && len(o.Annotations) > 0 {
 		// Not from CRI: read the resources from the request's annotations.
 		annotations = o.Annotations
 		if spec.Annotations, err = resourceinfo.FromAnnotations(annotations); err != nil {
@@ -55,7 +57,8 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 		}
 	}
 
-	sb := &sandboxEntry{id: id, dir: c.Dir(id), exited: make(chan struct{})}
+	sb := &sandboxEntry{id: id, exited: make(chan struct{})}
+	dir := c.Dir(id)
 	sb.op.Lock()
 	defer sb.op.Unlock()
 	c.mu.Lock()
@@ -72,12 +75,12 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 		}
 	}()
 
-	if err := mkdirSandbox(sb.dir); err != nil {
-		return storageError(sb.dir, err)
+	if err := mkdirSandbox(dir); err != nil {
+		return storageError(dir, err)
 	}
 	defer func() {
 		if retErr != nil {
-			if err := os.RemoveAll(sb.dir); err != nil {
+			if err := os.RemoveAll(dir); err != nil {
 				log.G(ctx).WithError(err).Warn("remove directory of failed sandbox")
 			}
 		}
@@ -92,7 +95,7 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 		NetNSPath:   o.NetNSPath,
 		Annotations: annotations,
 		Config:      cfgJSON,
-		Spec:        spec,
+		Spec:        internSpec(&spec),
 		Containers:  map[string]*Container{},
 	}
 	ri := st.ResourceInfo()
@@ -104,7 +107,7 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 			c.opts.Admitter.Release(id)
 		}
 	}()
-	if err := c.opts.Backend.Create(ctx, id, sb.dir, ri); err != nil {
+	if err := c.opts.Backend.Create(ctx, id, dir, ri); err != nil {
 		return fmt.Errorf("%s backend: create sandbox %s: %w", c.Mode(), id, err)
 	}
 	defer func() {

@@ -43,7 +43,7 @@ func (c *Controller) remove(sb *sandboxEntry) error {
 		return err
 	}
 	sb.removed = true
-	if err := os.RemoveAll(sb.dir); err != nil {
+	if err := os.RemoveAll(c.Dir(sb.id)); err != nil {
 		log.L.WithError(err).WithField("sandbox", sb.id).Error("remove sandbox directory")
 	}
 	return nil

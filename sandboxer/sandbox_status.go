@@ -67,7 +67,7 @@ func (c *Controller) Status(ctx context.Context, id string, verbose bool) (sandb
 			usage = &u
 		}
 	}
-	status.Info, err = verboseInfo(st, sb.dir, snap.info, usage)
+	status.Info, err = verboseInfo(st, c.Dir(sb.id), snap.info, usage)
 	if err != nil {
 		return sandbox.ControllerStatus{}, err
 	}

@@ -41,7 +41,18 @@ func (c *Controller) Update(ctx context.Context, id string, info sandbox.Sandbox
 // UpdateSpec changes a sandbox's pod-level resources, applies them in the
 // backend and persists them.
 func (c *Controller) UpdateSpec(ctx context.Context, id string, change func(*resourceinfo.Spec) error) error {
-	return c.change(ctx, id, func(st *State) error { return change(&st.Spec) })
+	return c.change(ctx, id, func(st *State) error {
+		// A copy: the spec may be shared with other sandboxes.
+		var spec resourceinfo.Spec
+		if st.Spec != nil {
+			spec = *st.Spec
+		}
+		if err := change(&spec); err != nil {
+			return err
+		}
+		st.Spec = internSpec(&spec)
+		return nil
+	})
 }
 
 // SetContainer records (res != nil) or forgets (res == nil) a container's

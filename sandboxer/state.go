@@ -3,9 +3,15 @@ package sandboxer
 import (
 	"encoding/json"
 	"fmt"
+	"hash/maphash"
 	"os"
 	"path/filepath"
+	"reflect"
+	"runtime"
+	"slices"
+	"sync"
 	"time"
+	"weak"
 
 	"github.com/containerd/containerd/v2/pkg/identifiers"
 	"github.com/containerd/errdefs"
@@ -48,13 +54,16 @@ type State struct {
 	ExitStatus uint32     `json:"exit_status"`
 	Pid        uint32     `json:"pid"`
 	NetNSPath  string     `json:"netns_path,omitempty"`
-	// Annotations are the pod annotations (PodSandboxConfig, else the
-	// Create request's).
+	// Annotations are the Create request's annotations, when the pod's
+	// resources come from them: the PodSandboxConfig has none (not a CRI
+	// caller). A CRI pod's annotations are in Config.
 	Annotations map[string]string `json:"annotations,omitempty"`
 	// Config is the PodSandboxConfig (encoding/json), shown by verbose Status.
 	Config json.RawMessage `json:"config,omitempty"`
-	// Spec holds the pod-level resource inputs.
-	Spec resourceinfo.Spec `json:"spec"`
+	// Spec holds the pod-level resource inputs. It is shared between
+	// sandboxes with the same one (internSpec) and never changed in
+	// place: a change replaces it.
+	Spec *resourceinfo.Spec `json:"spec"`
 	// Containers holds each container's resources, by container ID.
 	Containers map[string]*Container `json:"containers"`
 	// Ledger accrues what the sandbox held while it ran.
@@ -123,7 +132,109 @@ func (s *State) ResourceInfo() resourceinfo.ResourceInfo {
 			cs[id] = c.Resources
 		}
 	}
-	return resourceinfo.Compute(s.Spec, cs)
+	var spec resourceinfo.Spec
+	if s.Spec != nil {
+		spec = *s.Spec
+	}
+	ri := resourceinfo.Compute(spec, cs)
+	ri.Sources = internSources(ri.Sources)
+	return ri
+}
+
+// sharedSpecs shares the specs of sandboxes whose pod-level resources are the
+// same (the replicas of a workload), weakly: a spec no sandbox holds any
+// more is dropped. A spec is 3 Resources of mostly nil pointers, a fifth
+// of a pod's memory.
+var sharedSpecs struct {
+	mu   sync.Mutex
+	seed maphash.Seed
+	m    map[uint64][]weak.Pointer[resourceinfo.Spec]
+}
+
+func init() { sharedSpecs.seed = maphash.MakeSeed() }
+
+// internSpec returns a spec equal to sp, shared if another sandbox has
+// one; sp must not be changed afterwards.
+func internSpec(sp *resourceinfo.Spec) *resourceinfo.Spec {
+	if sp == nil {
+		return nil
+	}
+	data, err := json.Marshal(sp)
+	if err != nil {
+		return sp
+	}
+	key := maphash.Bytes(sharedSpecs.seed, data)
+	sharedSpecs.mu.Lock()
+	defer sharedSpecs.mu.Unlock()
+	for _, w := range sharedSpecs.m[key] {
+		if p := w.Value(); p != nil && reflect.DeepEqual(p, sp) {
+			return p
+		}
+	}
+	if sharedSpecs.m == nil {
+		sharedSpecs.m = map[uint64][]weak.Pointer[resourceinfo.Spec]{}
+	}
+	sharedSpecs.m[key] = append(sharedSpecs.m[key], weak.Make(sp))
+	runtime.AddCleanup(sp, dropSpec, key)
+	return sp
+}
+
+// dropSpec forgets the collected specs of key.
+func dropSpec(key uint64) {
+	sharedSpecs.mu.Lock()
+	defer sharedSpecs.mu.Unlock()
+	live := sharedSpecs.m[key][:0]
+	for _, w := range sharedSpecs.m[key] {
+		if w.Value() != nil {
+			live = append(live, w)
+		}
+	}
+	if len(live) == 0 {
+		delete(sharedSpecs.m, key)
+	} else {
+		sharedSpecs.m[key] = live
+	}
+}
+
+// sources shares the Sources maps of resources with the same content:
+// most pods' values come from the same sources, and a map per pod was a
+// tenth of a pod's memory. A shared map is never modified: it belongs to
+// snapshots, which are immutable.
+var sources struct {
+	mu sync.Mutex
+	m  map[string]map[string]resourceinfo.Source
+}
+
+// maxSources bounds the distinct maps kept for sharing.
+const maxSources = 4096
+
+func internSources(m map[string]resourceinfo.Source) map[string]resourceinfo.Source {
+	if len(m) == 0 {
+		return m
+	}
+	keys := make([]string, 0, len(m))
+	n := 0
+	for k, v := range m {
+		keys = append(keys, k)
+		n += len(k) + len(v) + 2
+	}
+	slices.Sort(keys)
+	b := make([]byte, 0, n)
+	for _, k := range keys {
+		b = append(append(append(append(b, k...), '='), m[k]...), ';')
+	}
+	sources.mu.Lock()
+	defer sources.mu.Unlock()
+	if shared, ok := sources.m[string(b)]; ok {
+		return shared
+	}
+	if sources.m == nil {
+		sources.m = map[string]map[string]resourceinfo.Source{}
+	}
+	if len(sources.m) < maxSources {
+		sources.m[string(b)] = m
+	}
+	return m
 }
 
 // clone copies a state for a change: the copy's maps of containers, its
@@ -231,6 +342,7 @@ func decodeState(data []byte, id string) (*State, error) {
 	if err := json.Unmarshal(data, &s); err != nil {
 		return nil, fmt.Errorf("decode journal record: %w", err)
 	}
+	s.Spec = internSpec(s.Spec)
 	return &s, checkState(&s, id)
 }
 
@@ -247,6 +359,7 @@ func loadState(dir, id string) (*State, error) {
 	if err := statefile.ReadJSON(filepath.Join(dir, StateFile), &s); err != nil {
 		return nil, err
 	}
+	s.Spec = internSpec(s.Spec)
 	return &s, checkState(&s, id)
 }
 

@@ -41,7 +41,7 @@ func fullState() *State {
 		CreatedAt: now, StartedAt: &now, Pid: 7, NetNSPath: "/x",
 		Annotations: map[string]string{"a": "null", "b": ":null,"},
 		Config:      json.RawMessage(`{"metadata":{"name":"p"}}`),
-		Spec: resourceinfo.Spec{
+		Spec: &resourceinfo.Spec{
 			Annotations: resourceinfo.Resources{CPULimit: &cpu, Unified: map[string]string{"memory.high": "max"}},
 			Linux:       resourceinfo.Resources{MemoryLimit: &mem, HugepageLimits: map[string]uint64{"2MB": 4 << 20}},
 		},
@@ -149,9 +149,9 @@ func TestSameResourceInputs(t *testing.T) {
 	assert.True(t, sameResourceInputs(st, st.clone()))
 	two := 2.0
 	for desc, change := range map[string]func(*State){
-		"pod annotation":      func(s *State) { s.Spec.Annotations.CPULimit = &two },
-		"pod linux":           func(s *State) { s.Spec.Linux.Unified = map[string]string{} },
-		"overhead":            func(s *State) { s.Spec.Overhead.PidLimit = new(int64) },
+		"pod annotation":      func(s *State) { sp := *s.Spec; sp.Annotations.CPULimit = &two; s.Spec = &sp },
+		"pod linux":           func(s *State) { sp := *s.Spec; sp.Linux.Unified = map[string]string{}; s.Spec = &sp },
+		"overhead":            func(s *State) { sp := *s.Spec; sp.Overhead.PidLimit = new(int64); s.Spec = &sp },
 		"container resources": func(s *State) { s.Containers["c1"].Resources.CPULimit = &two },
 		"new container":       func(s *State) { s.Containers["c3"] = &Container{} },
 		"removed container":   func(s *State) { delete(s.Containers, "c2") },
@@ -163,4 +163,18 @@ func TestSameResourceInputs(t *testing.T) {
 	c := st.clone()
 	c.Phase, c.Containers["c1"].Task.Status = PhaseStopped, TaskStopped
 	assert.True(t, sameResourceInputs(st, c), "a status is not a resource input")
+}
+
+// TestInternSpec: equal specs are shared, and a spec no sandbox holds is
+// dropped.
+func TestInternSpec(t *testing.T) {
+	cpu := 1.5
+	a := internSpec(&resourceinfo.Spec{Annotations: resourceinfo.Resources{CPULimit: &cpu}})
+	cpu2 := 1.5
+	b := internSpec(&resourceinfo.Spec{Annotations: resourceinfo.Resources{CPULimit: &cpu2}})
+	assert.Same(t, a, b)
+	other := 2.0
+	c := internSpec(&resourceinfo.Spec{Annotations: resourceinfo.Resources{CPULimit: &other}})
+	assert.NotSame(t, a, c)
+	assert.Equal(t, 2.0, *c.Annotations.CPULimit)
 }

@@ -234,16 +234,32 @@ func (j *Journal) load() (*Replay, error) {
 		if n, err := strconv.Atoi(strings.TrimSuffix(name, segSuffix)); err == nil && n >= j.nextFile {
 			j.nextFile = n + 1
 		}
-		data, err := os.ReadFile(path)
-		if err != nil {
-			return nil, err
-		}
 		fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
 		if err != nil {
 			return nil, fmt.Errorf("open %s: %w", path, err)
 		}
-		seg := &segment{path: path, fd: fd, size: int64(len(data))}
-		h, ok := decodeSegHeader(data)
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			unix.Close(fd)
+			return nil, fmt.Errorf("stat %s: %w", path, err)
+		}
+		seg := &segment{path: path, fd: fd, size: st.Size}
+		head := make([]byte, 64)
+		n, _ := unix.Pread(fd, head, 0)
+		h, ok := decodeSegHeader(head[:max(n, 0)])
+		if ok && h.free && h.size == seg.size {
+			// Free: its records do not count, it is not read.
+			seg.number = h.number
+			j.maxNumber = max(j.maxNumber, h.number)
+			j.free = append(j.free, seg)
+			continue
+		}
+		data, err := os.ReadFile(path)
+		if err != nil {
+			unix.Close(fd)
+			return nil, err
+		}
+		h, ok = decodeSegHeader(data)
 		switch {
 		case ok && h.size == seg.size:
 			seg.number = h.number
