@@ -12,6 +12,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/typeurl/v2"
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
@@ -73,22 +74,17 @@ func (s *Service) reserveName(key podName, id string) (done func(ok bool), err e
 	}, nil
 }
 
-func (s *Service) releaseName(cfg *runtime.PodSandboxConfig, id string) {
-	key, ok := podNameOf(cfg)
+func (s *Service) releaseName(st *sandboxer.State) {
+	key, ok := podNameOfState(st)
 	if !ok {
 		return
 	}
+	id := st.ID
 	s.namesMu.Lock()
 	if s.names[key].id == id {
 		delete(s.names, key)
 	}
 	s.namesMu.Unlock()
-}
-
-// podConfig is a sandbox's PodSandboxConfig (nil when it was created
-// without one). Do not modify it.
-func (s *Service) podConfig(st *sandboxer.State) *runtime.PodSandboxConfig {
-	return s.pods.get(st.ID, st.CreatedAt, st.Config)
 }
 
 // resolvePod finds a pod by ID or by a unique prefix of its ID.
@@ -206,10 +202,11 @@ func (s *Service) RemovePodSandbox(ctx context.Context, req *runtime.RemovePodSa
 	if err := s.ctrl.Shutdown(ctx, id); err != nil && !errdefs.IsNotFound(err) {
 		return nil, toGRPC(ctx, "RemovePodSandbox", err)
 	}
-	s.releaseName(s.podConfig(v.State), id)
-	s.pods.forget(id)
+	s.releaseName(v.State)
+	s.podItems.forget(id)
 	for cid := range v.State.Containers {
 		s.metas.forget(cid)
+		s.ctrItems.forget(cid)
 	}
 	return &runtime.RemovePodSandboxResponse{}, nil
 }
@@ -224,7 +221,7 @@ func (s *Service) PodSandboxStatus(ctx context.Context, req *runtime.PodSandboxS
 	}
 	st := v.State
 	ctx = withSandbox(ctx, st.ID)
-	cfg := s.podConfig(st)
+	cfg := decodePodConfig(st)
 	nsOpts := cfg.GetLinux().GetSecurityContext().GetNamespaceOptions()
 	if nsOpts == nil {
 		nsOpts = &runtime.NamespaceOption{}
@@ -255,12 +252,11 @@ func (s *Service) PodSandboxStatus(ctx context.Context, req *runtime.PodSandboxS
 	return resp, nil
 }
 
-// listPods returns the pods the filter selects.
-func (s *Service) listPods(f *runtime.PodSandboxFilter) []*runtime.PodSandbox {
-	views := s.ctrl.List()
-	items := make([]*runtime.PodSandbox, 0, len(views))
-	for _, v := range views {
-		st := v.State
+// listPods returns the pods the filter selects, encoded (list.go).
+func (s *Service) listPods(f *runtime.PodSandboxFilter) *encodedList {
+	states := s.ctrl.States()
+	list := &encodedList{items: make([][]byte, 0, len(states))}
+	for _, st := range states {
 		if !matchID(f.GetId(), st.ID) {
 			continue
 		}
@@ -268,30 +264,33 @@ func (s *Service) listPods(f *runtime.PodSandboxFilter) []*runtime.PodSandbox {
 		if f.GetState() != nil && f.GetState().GetState() != state {
 			continue
 		}
-		cfg := s.podConfig(st)
-		if !matchLabels(f.GetLabelSelector(), cfg.GetLabels()) {
+		wire := s.podItems.get(st.ID, st.CreatedAt, int32(state), func() proto.Message {
+			cfg := decodePodConfig(st)
+			return &runtime.PodSandbox{
+				Id:             st.ID,
+				Metadata:       podMetadata(st.ID, cfg),
+				State:          state,
+				CreatedAt:      st.CreatedAt.UnixNano(),
+				Labels:         cfg.GetLabels(),
+				Annotations:    cfg.GetAnnotations(),
+				RuntimeHandler: RuntimeHandler,
+			}
+		})
+		if sel := f.GetLabelSelector(); len(sel) > 0 && !matchLabels(sel, labelsOf(wire, &runtime.PodSandbox{})) {
 			continue
 		}
-		items = append(items, &runtime.PodSandbox{
-			Id:             st.ID,
-			Metadata:       podMetadata(st.ID, cfg),
-			State:          state,
-			CreatedAt:      st.CreatedAt.UnixNano(),
-			Labels:         cfg.GetLabels(),
-			Annotations:    cfg.GetAnnotations(),
-			RuntimeHandler: RuntimeHandler,
-		})
+		list.add(wire)
 	}
 	if f == nil {
-		s.prunePods(views)
+		s.prunePods(len(states))
 	}
-	return items
+	return list
 }
 
-// prunePods drops decoded configs of pods removed behind the service's
-// back (through containerd).
-func (s *Service) prunePods(views []sandboxer.SandboxView) {
-	s.pods.prune(len(views), func(id string) bool {
+// prunePods drops the items of pods removed behind the service's back
+// (through containerd).
+func (s *Service) prunePods(live int) {
+	s.podItems.prune(live, func(id string) bool {
 		_, err := s.ctrl.Get(id)
 		return err == nil
 	})
@@ -301,13 +300,16 @@ func (s *Service) prunePods(views []sandboxer.SandboxView) {
 // created through containerd (same store), filtered by ID prefix, state
 // and labels.
 func (s *Service) ListPodSandbox(_ context.Context, req *runtime.ListPodSandboxRequest) (*runtime.ListPodSandboxResponse, error) {
-	return &runtime.ListPodSandboxResponse{Items: s.listPods(req.GetFilter())}, nil
+	resp := &runtime.ListPodSandboxResponse{}
+	list := s.listPods(req.GetFilter())
+	list.setItems(resp, 0, len(list.items))
+	return resp, nil
 }
 
 func (s *Service) StreamPodSandboxes(req *runtime.StreamPodSandboxesRequest, stream grpc.ServerStreamingServer[runtime.StreamPodSandboxesResponse]) error {
-	return sendChunks(s.listPods(req.GetFilter()), func(items []*runtime.PodSandbox) error {
-		return stream.Send(&runtime.StreamPodSandboxesResponse{PodSandboxes: items})
-	})
+	return s.listPods(req.GetFilter()).chunks(
+		func() proto.Message { return &runtime.StreamPodSandboxesResponse{} },
+		func(m proto.Message) error { return stream.Send(m.(*runtime.StreamPodSandboxesResponse)) })
 }
 
 // UpdatePodSandboxResources is an in-place pod resize: it goes through the

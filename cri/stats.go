@@ -106,7 +106,7 @@ func (s *Service) ContainerStats(ctx context.Context, req *runtime.ContainerStat
 func (s *Service) listContainerStats(f *runtime.ContainerStatsFilter) []*runtime.ContainerStats {
 	now := time.Now()
 	var items []*runtime.ContainerStats
-	s.listContainers(f.GetId(), f.GetPodSandboxId(), f.GetLabelSelector(), func(_ sandboxer.SandboxView, c ctr) {
+	s.listContainers(f.GetId(), f.GetPodSandboxId(), f.GetLabelSelector(), func(_ *sandboxer.State, c ctr) {
 		if hasProcess(c.rec) {
 			items = append(items, s.containerStats(c, now))
 		}
@@ -129,7 +129,7 @@ func (s *Service) StreamContainerStats(req *runtime.StreamContainerStatsRequest,
 // against the pod's effective limit.
 func (s *Service) podStats(v sandboxer.SandboxView, now time.Time) *runtime.PodSandboxStats {
 	ts := now.UnixNano()
-	cfg := s.podConfig(v.State)
+	cfg := decodePodConfig(v.State)
 	var sum usage
 	var ctrs []*runtime.ContainerStats
 	for _, c := range s.containers(v.State) {
@@ -167,7 +167,7 @@ func (s *Service) listPodStats(f *runtime.PodSandboxStatsFilter) []*runtime.PodS
 		if !matchID(f.GetId(), v.State.ID) || v.State.Phase != sandboxer.PhaseReady {
 			continue
 		}
-		if !matchLabels(f.GetLabelSelector(), s.podConfig(v.State).GetLabels()) {
+		if sel := f.GetLabelSelector(); len(sel) > 0 && !matchLabels(sel, decodePodConfig(v.State).GetLabels()) {
 			continue
 		}
 		items = append(items, s.podStats(v, now))
