@@ -16,8 +16,12 @@
 //     caller; calls for different sandboxes run concurrently.
 //   - Calls for one container are serialized by the caller, except Wait-
 //     like reads (Stats, Pids), which may run alongside anything.
-//   - The caller holds no lock of its own while it calls a backend, so a
-//     backend may report to the Events sink from within any call.
+//   - The caller holds no lock of its own while it calls Containers, so a
+//     backend may report to the Events sink from within those calls. It
+//     holds the sandbox while it calls Sandboxes methods: a backend must
+//     not report to Events from within them (the controller records
+//     itself that a stopped sandbox's processes ended), nor make one wait
+//     for a goroutine that is reporting.
 //   - Delete (of a sandbox) and Delete (of a process) are safe on what
 //     never started or is already gone.
 //   - Close stops the backend's background work and returns once it has
@@ -132,8 +136,13 @@ type Container struct {
 	// PodAnnotations are the annotations of the container's pod.
 	PodAnnotations map[string]string
 	// Private is the backend's own record of the container, as Create
-	// returned it; set only on Recover.
+	// returned it; set only on Recover, as are the fields below. Spec
+	// and Rootfs are not set on Recover: what the backend needs of them
+	// after a restart belongs in Private.
 	Private json.RawMessage
+	// Pid and StartedAt are the init process's, as recorded.
+	Pid       uint32
+	StartedAt *time.Time
 	// Execs are the exec processes recorded for the container; set only
 	// on Recover.
 	Execs map[string]Exec
@@ -142,11 +151,13 @@ type Container struct {
 	Status Status
 }
 
-// Exec is an exec process: its process spec and stdio.
+// Exec is a recorded exec process: its process spec, stdio, status and
+// pid.
 type Exec struct {
 	Spec   *specs.Process
 	IO     IO
 	Status Status
+	Pid    uint32
 }
 
 // Status is a process's status as the task API names it.
@@ -205,19 +216,22 @@ type Containers interface {
 	// ResizePty resizes a process's terminal.
 	ResizePty(ctx context.Context, p Process, width, height uint32) error
 	// Recover re-attaches to a recorded container (and its exec
-	// processes) after a daemon restart. An exit that happened while the
-	// daemon was down is reported to Events, with its status, before or
-	// after Recover returns.
+	// processes) after a daemon restart, whatever its status: a stopped
+	// one is still deleted later. An exit that happened while the daemon
+	// was down is reported to Events, with its status, before or after
+	// Recover returns.
 	Recover(ctx context.Context, c *Container) error
 }
 
 // Events receives what happens to processes on their own. Its methods
-// return quickly and may be called from any goroutine, including from
-// within a Containers call.
+// may be called from any goroutine, including from within a Containers
+// call (see the lifecycle rules for Sandboxes calls). Exited returns once
+// the exit is recorded, durably; it may wait for a call in progress on the
+// same sandbox to end.
 type Events interface {
 	// Exited reports that a process ended: by itself, by a signal, or with
-	// its sandbox. A process is reported once; reports of a process the
-	// controller does not know are dropped.
+	// its sandbox. Reports of a process the controller does not know, or
+	// knows to have ended, are dropped.
 	Exited(p Process, status uint32, at time.Time)
 	// OOM reports that the kernel's OOM killer killed a process of the
 	// container of p.

@@ -14,11 +14,13 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/backend"
 	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
 	"github.com/kuasar-io/resource-slot-sandboxer/sandboxer"
 )
@@ -122,6 +124,10 @@ func (s *Service) resolveContainer(id string) (ctr, error) {
 	return ctr{}, invalidf("container id prefix %s is ambiguous: %d containers match", id, len(found))
 }
 
+// annotationContainerName is the OCI annotation in which containerd's CRI
+// names a container (internal/cri/annotations.ContainerName).
+const annotationContainerName = "io.kubernetes.cri.container-name"
+
 // CreateContainer creates a simulated container in a ready pod: its
 // resources come from config.linux.resources, its simulation from its
 // annotations, and it writes its output to <log_directory>/<log_path>.
@@ -139,10 +145,6 @@ func (s *Service) CreateContainer(ctx context.Context, req *runtime.CreateContai
 	id := newID()
 	ctx = withContainer(ctx, id, podID)
 	res, err := resourceinfo.FromLinuxResources("linux.resources", cfg.GetLinux().GetResources())
-	if err != nil {
-		return nil, toGRPC(ctx, "CreateContainer", err)
-	}
-	sim, err := sandboxer.ParseSimulation(cfg.GetAnnotations())
 	if err != nil {
 		return nil, toGRPC(ctx, "CreateContainer", err)
 	}
@@ -189,13 +191,19 @@ func (s *Service) CreateContainer(ctx context.Context, req *runtime.CreateContai
 				meta.Name, meta.Attempt, c.id, podID, errdefs.ErrAlreadyExists))
 		}
 	}
+	// No bundle: the spec carries what the backend reads of a container
+	// created through containerd, its annotations and name.
+	spec := &specs.Spec{Annotations: map[string]string{annotationContainerName: md.GetName()}}
+	for k, v := range cfg.GetAnnotations() {
+		spec.Annotations[k] = v
+	}
 	if _, err := s.tasks.Create(ctx, sandboxer.TaskSpec{
-		Key:        sandboxer.TaskKey{Namespace: Namespace, ID: id},
-		SandboxID:  podID,
-		Resources:  res,
-		Simulation: sim,
-		LogPath:    logPath,
-		Meta:       data,
+		Key:       sandboxer.TaskKey{Namespace: Namespace, ID: id},
+		SandboxID: podID,
+		Spec:      spec,
+		Resources: res,
+		IO:        backend.IO{LogPath: logPath},
+		Meta:      data,
 	}); err != nil {
 		return nil, toGRPC(ctx, "CreateContainer", err)
 	}
@@ -209,7 +217,7 @@ func (s *Service) StartContainer(ctx context.Context, req *runtime.StartContaine
 		return nil, toGRPC(ctx, "StartContainer", err)
 	}
 	ctx = withContainer(ctx, c.id, c.sandboxID)
-	if _, err := s.tasks.Start(ctx, c.key()); err != nil {
+	if _, err := s.tasks.Start(ctx, c.key(), ""); err != nil {
 		return nil, toGRPC(ctx, "StartContainer", err)
 	}
 	return &runtime.StartContainerResponse{}, nil
@@ -244,11 +252,11 @@ func (s *Service) stop(ctx context.Context, c ctr, timeout time.Duration) error 
 	k := c.key()
 	if timeout > 0 {
 		_, sig := c.meta.stopSignal()
-		if err := s.tasks.Kill(ctx, k, sig); err != nil && !errdefs.IsNotFound(err) {
+		if err := s.tasks.Kill(ctx, k, "", sig, false); err != nil && !errdefs.IsNotFound(err) {
 			return err
 		}
 		wctx, cancel := context.WithTimeout(ctx, timeout)
-		_, err := s.tasks.Wait(wctx, k)
+		_, err := s.tasks.Wait(wctx, k, "")
 		cancel()
 		if err == nil || errdefs.IsNotFound(err) {
 			return nil
@@ -258,7 +266,7 @@ func (s *Service) stop(ctx context.Context, c ctr, timeout time.Duration) error 
 		}
 		log.G(ctx).WithFields(log.Fields{"timeout": timeout, "signal": sig}).Info("container did not stop; killing it")
 	}
-	if err := s.tasks.Kill(ctx, k, syscall.SIGKILL); err != nil && !errdefs.IsNotFound(err) {
+	if err := s.tasks.Kill(ctx, k, "", syscall.SIGKILL, false); err != nil && !errdefs.IsNotFound(err) {
 		return err
 	}
 	return nil
@@ -279,7 +287,7 @@ func (s *Service) RemoveContainer(ctx context.Context, req *runtime.RemoveContai
 	if err := s.stop(ctx, c, 0); err != nil {
 		return nil, toGRPC(ctx, "RemoveContainer", err)
 	}
-	if _, err := s.tasks.Delete(ctx, c.key()); err != nil && !errdefs.IsNotFound(err) {
+	if _, err := s.tasks.Delete(ctx, c.key(), ""); err != nil && !errdefs.IsNotFound(err) {
 		return nil, toGRPC(ctx, "RemoveContainer", err)
 	}
 	s.metas.forget(c.id)
@@ -458,11 +466,11 @@ func (s *Service) ContainerStatus(ctx context.Context, req *runtime.ContainerSta
 			Pid        uint32                 `json:"pid"`
 			Namespace  string                 `json:"namespace"`
 			TaskStatus string                 `json:"taskStatus"`
-			Simulated  bool                   `json:"simulated"`
-			Simulation sandboxer.Simulation   `json:"simulation"`
+			Mode       string                 `json:"mode"`
+			Backend    json.RawMessage        `json:"backend,omitempty"`
 			Resources  resourceinfo.Resources `json:"resources"`
 			Config     *containerMeta         `json:"config,omitempty"`
-		}{c.sandboxID, rec.Pid, rec.Namespace, rec.Status, true, rec.Simulation, c.c.Resources, c.meta}
+		}{c.sandboxID, rec.Pid, rec.Namespace, rec.Status, s.ctrl.Mode(), rec.Private, c.c.Resources, c.meta}
 		data, err := json.Marshal(info)
 		if err != nil {
 			return nil, toGRPC(ctx, "ContainerStatus", err)
@@ -489,7 +497,7 @@ func (s *Service) UpdateContainerResources(ctx context.Context, req *runtime.Upd
 	if err != nil {
 		return nil, toGRPC(ctx, "UpdateContainerResources", err)
 	}
-	if err := s.tasks.SetResources(ctx, c.key(), res); err != nil {
+	if err := s.tasks.SetResources(ctx, c.key(), res, nil); err != nil {
 		return nil, toGRPC(ctx, "UpdateContainerResources", err)
 	}
 	return &runtime.UpdateContainerResourcesResponse{}, nil

@@ -19,6 +19,7 @@ import (
 
 	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
 	"github.com/kuasar-io/resource-slot-sandboxer/sandboxer"
+	"github.com/kuasar-io/resource-slot-sandboxer/slot"
 )
 
 func TestContainerLifecycle(t *testing.T) {
@@ -176,7 +177,7 @@ func TestSimulatedExit(t *testing.T) {
 		{"3", 3, "Error"},
 	} {
 		id := e.create(podID, containerConfig("job-"+tc.code, map[string]string{
-			sandboxer.AnnotationExitAfter: "50ms", sandboxer.AnnotationExitCode: tc.code,
+			slot.AnnotationExitAfter: "50ms", slot.AnnotationExitCode: tc.code,
 		}, nil))
 		e.start(id)
 		eventually(t, "the job to exit", func() bool { return e.status(id).State == runtime.ContainerState_CONTAINER_EXITED })
@@ -205,7 +206,7 @@ func TestCreateContainerErrors(t *testing.T) {
 		{"no config", podID, nil, codes.InvalidArgument, "metadata"},
 		{"no name", podID, &runtime.ContainerConfig{Metadata: &runtime.ContainerMetadata{}}, codes.InvalidArgument, "name"},
 		{"name taken", podID, containerConfig("taken", nil, nil), codes.AlreadyExists, `"taken"`},
-		{"bad simulation", podID, containerConfig("x", map[string]string{sandboxer.AnnotationExitCode: "300"}, nil), codes.InvalidArgument, sandboxer.AnnotationExitCode},
+		{"bad simulation", podID, containerConfig("x", map[string]string{slot.AnnotationExitCode: "300"}, nil), codes.InvalidArgument, slot.AnnotationExitCode},
 		{"bad resources", podID, containerConfig("x", nil, &runtime.LinuxContainerResources{CpuShares: -1}), codes.InvalidArgument, "cpu_shares"},
 		{"stopped pod", stopped, containerConfig("x", nil, nil), codes.FailedPrecondition, "not ready"},
 	} {

@@ -7,21 +7,37 @@ import (
 	"google.golang.org/grpc"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+
+	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
 	"github.com/kuasar-io/resource-slot-sandboxer/sandboxer"
 )
 
-// usage is a container's (or a pod's summed) simulated usage.
+// usage is a container's (or a pod's summed) usage.
 type usage struct {
 	cpuNs, nanoCores, mem, rss, pids uint64
 }
 
-func containerUsage(rec *sandboxer.TaskRecord, now time.Time) usage {
-	u := sandboxer.Usage(rec, now)
+// podUsage is the backend's usage of a pod, by container; nothing for a
+// pod that is not ready.
+func (s *Service) podUsage(ctx context.Context, podID string) map[string]resourceinfo.Usage {
+	u, _, err := s.ctrl.Usage(ctx, podID)
+	if err != nil {
+		if !errdefs.IsFailedPrecondition(err) && !errdefs.IsNotFound(err) {
+			log.G(ctx).WithError(err).WithField("sandbox", podID).Warn("pod usage")
+		}
+		return nil
+	}
+	return u.Containers
+}
+
+func usageOf(u resourceinfo.Usage, running bool) usage {
 	var x usage
 	if u.CPUTimeNanos != nil {
 		x.cpuNs = *u.CPUTimeNanos
 	}
-	if u.CPUPercent != nil && (rec.Status == sandboxer.TaskRunning || rec.Status == sandboxer.TaskPaused) {
+	if u.CPUPercent != nil && running {
 		x.nanoCores = uint64(*u.CPUPercent / 100 * 1e9)
 	}
 	if u.MemoryUsage != nil {
@@ -70,11 +86,12 @@ func (u usage) memory(ts int64, limit *int64) *runtime.MemoryUsage {
 	}
 }
 
-// containerStats reports a container's simulated usage with its limits;
-// its writable layer is empty (no filesystem is created).
-func (s *Service) containerStats(c ctr, now time.Time) *runtime.ContainerStats {
+// containerStats reports a container's usage (from its pod's, by
+// container) with its limits; its writable layer is empty (no filesystem
+// is created).
+func (s *Service) containerStats(c ctr, now time.Time, pod map[string]resourceinfo.Usage) *runtime.ContainerStats {
 	ts := now.UnixNano()
-	u := containerUsage(c.rec, now)
+	u := usageOf(pod[c.id], hasProcess(c.rec))
 	return &runtime.ContainerStats{
 		Attributes: &runtime.ContainerAttributes{
 			Id: c.id, Metadata: c.metadata(), Labels: c.labels(), Annotations: c.annotations(),
@@ -100,42 +117,50 @@ func (s *Service) ContainerStats(ctx context.Context, req *runtime.ContainerStat
 	if err != nil {
 		return nil, toGRPC(ctx, "ContainerStats", err)
 	}
-	return &runtime.ContainerStatsResponse{Stats: s.containerStats(c, time.Now())}, nil
+	return &runtime.ContainerStatsResponse{Stats: s.containerStats(c, time.Now(), s.podUsage(ctx, c.sandboxID))}, nil
 }
 
-func (s *Service) listContainerStats(f *runtime.ContainerStatsFilter) []*runtime.ContainerStats {
+func (s *Service) listContainerStats(ctx context.Context, f *runtime.ContainerStatsFilter) []*runtime.ContainerStats {
 	now := time.Now()
 	var items []*runtime.ContainerStats
+	pods := map[string]map[string]resourceinfo.Usage{}
 	s.listContainers(f.GetId(), f.GetPodSandboxId(), f.GetLabelSelector(), func(_ *sandboxer.State, c ctr) {
-		if hasProcess(c.rec) {
-			items = append(items, s.containerStats(c, now))
+		if !hasProcess(c.rec) {
+			return
 		}
+		pod, ok := pods[c.sandboxID]
+		if !ok {
+			pod = s.podUsage(ctx, c.sandboxID)
+			pods[c.sandboxID] = pod
+		}
+		items = append(items, s.containerStats(c, now, pod))
 	})
 	return items
 }
 
 // ListContainerStats reports the running containers' usage.
-func (s *Service) ListContainerStats(_ context.Context, req *runtime.ListContainerStatsRequest) (*runtime.ListContainerStatsResponse, error) {
-	return &runtime.ListContainerStatsResponse{Stats: s.listContainerStats(req.GetFilter())}, nil
+func (s *Service) ListContainerStats(ctx context.Context, req *runtime.ListContainerStatsRequest) (*runtime.ListContainerStatsResponse, error) {
+	return &runtime.ListContainerStatsResponse{Stats: s.listContainerStats(ctx, req.GetFilter())}, nil
 }
 
 func (s *Service) StreamContainerStats(req *runtime.StreamContainerStatsRequest, stream grpc.ServerStreamingServer[runtime.StreamContainerStatsResponse]) error {
-	return sendChunks(s.listContainerStats(req.GetFilter()), func(items []*runtime.ContainerStats) error {
+	return sendChunks(s.listContainerStats(stream.Context(), req.GetFilter()), func(items []*runtime.ContainerStats) error {
 		return stream.Send(&runtime.StreamContainerStatsResponse{ContainerStats: items})
 	})
 }
 
 // podStats sums the usage of a pod's containers; its memory is reported
 // against the pod's effective limit.
-func (s *Service) podStats(v sandboxer.SandboxView, now time.Time) *runtime.PodSandboxStats {
+func (s *Service) podStats(ctx context.Context, v sandboxer.SandboxView, now time.Time) *runtime.PodSandboxStats {
 	ts := now.UnixNano()
 	cfg := decodePodConfig(v.State)
+	pod := s.podUsage(ctx, v.State.ID)
 	var sum usage
 	var ctrs []*runtime.ContainerStats
 	for _, c := range s.containers(v.State) {
-		sum.add(containerUsage(c.rec, now))
+		sum.add(usageOf(pod[c.id], hasProcess(c.rec)))
 		if hasProcess(c.rec) {
-			ctrs = append(ctrs, s.containerStats(c, now))
+			ctrs = append(ctrs, s.containerStats(c, now, pod))
 		}
 	}
 	return &runtime.PodSandboxStats{
@@ -157,10 +182,10 @@ func (s *Service) PodSandboxStats(ctx context.Context, req *runtime.PodSandboxSt
 	if err != nil {
 		return nil, toGRPC(ctx, "PodSandboxStats", err)
 	}
-	return &runtime.PodSandboxStatsResponse{Stats: s.podStats(v, time.Now())}, nil
+	return &runtime.PodSandboxStatsResponse{Stats: s.podStats(ctx, v, time.Now())}, nil
 }
 
-func (s *Service) listPodStats(f *runtime.PodSandboxStatsFilter) []*runtime.PodSandboxStats {
+func (s *Service) listPodStats(ctx context.Context, f *runtime.PodSandboxStatsFilter) []*runtime.PodSandboxStats {
 	now := time.Now()
 	var items []*runtime.PodSandboxStats
 	for _, v := range s.ctrl.List() {
@@ -170,18 +195,18 @@ func (s *Service) listPodStats(f *runtime.PodSandboxStatsFilter) []*runtime.PodS
 		if sel := f.GetLabelSelector(); len(sel) > 0 && !matchLabels(sel, decodePodConfig(v.State).GetLabels()) {
 			continue
 		}
-		items = append(items, s.podStats(v, now))
+		items = append(items, s.podStats(ctx, v, now))
 	}
 	return items
 }
 
 // ListPodSandboxStats reports the ready pods' usage.
-func (s *Service) ListPodSandboxStats(_ context.Context, req *runtime.ListPodSandboxStatsRequest) (*runtime.ListPodSandboxStatsResponse, error) {
-	return &runtime.ListPodSandboxStatsResponse{Stats: s.listPodStats(req.GetFilter())}, nil
+func (s *Service) ListPodSandboxStats(ctx context.Context, req *runtime.ListPodSandboxStatsRequest) (*runtime.ListPodSandboxStatsResponse, error) {
+	return &runtime.ListPodSandboxStatsResponse{Stats: s.listPodStats(ctx, req.GetFilter())}, nil
 }
 
 func (s *Service) StreamPodSandboxStats(req *runtime.StreamPodSandboxStatsRequest, stream grpc.ServerStreamingServer[runtime.StreamPodSandboxStatsResponse]) error {
-	return sendChunks(s.listPodStats(req.GetFilter()), func(items []*runtime.PodSandboxStats) error {
+	return sendChunks(s.listPodStats(stream.Context(), req.GetFilter()), func(items []*runtime.PodSandboxStats) error {
 		return stream.Send(&runtime.StreamPodSandboxStatsResponse{PodSandboxStats: items})
 	})
 }

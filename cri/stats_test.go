@@ -9,13 +9,13 @@ import (
 	"google.golang.org/grpc/codes"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
-	"github.com/kuasar-io/resource-slot-sandboxer/sandboxer"
+	"github.com/kuasar-io/resource-slot-sandboxer/slot"
 )
 
 func TestStats(t *testing.T) {
 	e := newEnv(t)
 	podID := e.runp(podConfig("stats", nil))
-	sim := map[string]string{sandboxer.AnnotationCPUUsage: "500m", sandboxer.AnnotationMemoryUsage: "64Mi"}
+	sim := map[string]string{slot.AnnotationCPUUsage: "500m", slot.AnnotationMemoryUsage: "64Mi"}
 	a := e.create(podID, containerConfig("a", sim, &runtime.LinuxContainerResources{MemoryLimitInBytes: 256 << 20}))
 	b := e.create(podID, containerConfig("b", sim, &runtime.LinuxContainerResources{MemoryLimitInBytes: 128 << 20}))
 	idle := e.create(podID, containerConfig("idle", nil, nil))
@@ -82,7 +82,7 @@ func TestStats(t *testing.T) {
 func TestPodStatsLimit(t *testing.T) {
 	e := newEnv(t)
 	podID := e.runp(podConfig("limited", map[string]string{"resources.limits.memory": "1Gi"}))
-	id := e.create(podID, containerConfig("a", map[string]string{sandboxer.AnnotationMemoryUsage: "256Mi"}, nil))
+	id := e.create(podID, containerConfig("a", map[string]string{slot.AnnotationMemoryUsage: "256Mi"}, nil))
 	e.start(id)
 	list, err := e.rt.ListPodSandboxStats(ctx, &runtime.ListPodSandboxStatsRequest{})
 	require.NoError(t, err)

@@ -7,26 +7,18 @@ import (
 
 	"github.com/containerd/log"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/backend"
 	"github.com/kuasar-io/resource-slot-sandboxer/config"
 	"github.com/kuasar-io/resource-slot-sandboxer/sandboxer"
 	"github.com/kuasar-io/resource-slot-sandboxer/slot"
 	"github.com/kuasar-io/resource-slot-sandboxer/vmm"
 )
 
-// backend is what the daemon needs of a backend beyond sandboxer.Backend:
-// cleaning up what the state does not know of, and closing.
-type backend interface {
-	sandboxer.Backend
-	// Cleanup removes what the backend holds for sandboxes not in known.
-	Cleanup(ctx context.Context, known map[string]bool) ([]string, error)
-	Close() error
-}
-
 // newBackend builds the backend of the configured mode.
-func newBackend(ctx context.Context, cfg config.Config) (backend, error) {
+func newBackend(ctx context.Context, cfg config.Config) (sandboxer.Backend, error) {
 	switch cfg.Mode {
 	case "slot":
-		return slotBackend{slot.New()}, nil
+		return slot.New(), nil
 	case "vm":
 		v := cfg.VM
 		b, err := vmm.New(ctx, vmm.Config{
@@ -44,22 +36,29 @@ func newBackend(ctx context.Context, cfg config.Config) (backend, error) {
 		if err != nil {
 			return nil, fmt.Errorf("vm backend: %w", err)
 		}
-		return b, nil
+		// TRANSITIONAL: until the vm backend runs containers in its guest,
+		// its containers are the slot simulation's.
+		return vmWithSimulatedContainers{b, slot.New()}, nil
 	default:
 		return nil, fmt.Errorf("unknown mode %q", cfg.Mode)
 	}
 }
 
-// slotBackend: a slot holds nothing outside the state directory.
-type slotBackend struct{ *slot.Backend }
+// vmWithSimulatedContainers is TRANSITIONAL: the vm backend's sandboxes
+// with the slot simulation's containers.
+type vmWithSimulatedContainers struct {
+	*vmm.Backend
+	sim *slot.Backend
+}
 
-func (slotBackend) Cleanup(context.Context, map[string]bool) ([]string, error) { return nil, nil }
-func (slotBackend) Close() error                                               { return nil }
+func (b vmWithSimulatedContainers) Containers(ev backend.Events) backend.Containers {
+	return b.sim.Containers(ev)
+}
 
 // cleanupOrphans removes what the backend holds for sandboxes that the
 // recovered state does not know (a crash between the backend's create and
 // the state's commit, or a removed state directory).
-func cleanupOrphans(ctx context.Context, b backend, ctrl *sandboxer.Controller) {
+func cleanupOrphans(ctx context.Context, b sandboxer.Backend, ctrl *sandboxer.Controller) {
 	known := map[string]bool{}
 	for _, v := range ctrl.List() {
 		known[v.State.ID] = true

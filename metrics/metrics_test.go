@@ -17,6 +17,7 @@ import (
 	api "github.com/containerd/containerd/api/services/sandbox/v1"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/ttrpc"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/assert"
@@ -249,9 +250,9 @@ func TestSimulatedUsage(t *testing.T) {
 	tasks := sandboxer.NewTasks(ctx, f.ctrl, nil)
 	defer tasks.Close()
 	k := sandboxer.TaskKey{Namespace: "k8s.io", ID: "c"}
-	_, err = tasks.Create(ctx, sandboxer.TaskSpec{Key: k, SandboxID: "a", Simulation: sandboxer.Simulation{CPUUsage: 0.5, MemoryUsage: 64 << 20}})
+	_, err = tasks.Create(ctx, sandboxer.TaskSpec{Key: k, SandboxID: "a", Spec: &specs.Spec{Annotations: map[string]string{slot.AnnotationCPUUsage: "500m", slot.AnnotationMemoryUsage: "64Mi"}}})
 	require.NoError(t, err)
-	_, err = tasks.Start(ctx, k)
+	_, err = tasks.Start(ctx, k, "")
 	require.NoError(t, err)
 	v := values(t, f.m.Registry())
 	assert.Equal(t, 0.5, v[`resource_slot_sandbox_usage{resource="cpu_cores",sandbox="a"}`])

@@ -2,10 +2,20 @@ package resourceinfo
 
 import "time"
 
+// Usage sources.
+const (
+	UsageSimulated = "simulated"
+	UsageMeasured  = "measured"
+)
+
 // Usage is what a sandbox consumes at one instant, as a backend measures it.
 // Absent measurements are null.
 type Usage struct {
 	Timestamp time.Time `json:"timestamp"`
+	// Source says where the figures come from: UsageSimulated (slot
+	// mode: the simulated containers' annotations) or UsageMeasured (vm
+	// mode: the guest's cgroups and the host's view of the VM).
+	Source string `json:"source,omitempty"`
 	// CPUTimeNanos is the cumulative CPU time used.
 	CPUTimeNanos *uint64 `json:"cpu_time_ns"`
 	// CPUPercent is the CPU use since the previous sample, in percent of one core.

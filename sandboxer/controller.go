@@ -402,11 +402,21 @@ func freesSpace(old, st *State) bool {
 	return liveTasks(st) < liveTasks(old)
 }
 
+// liveTasks counts the processes (init and exec) that have not ended.
 func liveTasks(st *State) int {
 	n := 0
 	for _, ctr := range st.Containers {
-		if ctr.Task != nil && ctr.Task.Status != TaskStopped {
+		t := ctr.Task
+		if t == nil {
+			continue
+		}
+		if t.Status != TaskStopped {
 			n++
+		}
+		for _, e := range t.Execs {
+			if e.Status != TaskStopped {
+				n++
+			}
 		}
 	}
 	return n

@@ -3,12 +3,8 @@ package sandboxer
 import (
 	"encoding/json"
 	"fmt"
-	"math"
 	"time"
 
-	"github.com/containerd/cgroups/v3"
-	cg1 "github.com/containerd/cgroups/v3/cgroup1/stats"
-	cg2 "github.com/containerd/cgroups/v3/cgroup2/stats"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/typeurl/v2"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -55,41 +51,6 @@ func decodeUpdatedResources(a typeurl.Any) (linux, overhead *resourceinfo.Resour
 		overhead = &r
 	}
 	return linux, overhead, nil
-}
-
-// CgroupMetrics renders usage as the cgroup metrics type of this host
-// (v1 or v2), the types containerd's CRI decodes, with the limits set.
-func CgroupMetrics(limits resourceinfo.Resources, u resourceinfo.Usage) any {
-	val := func(p *uint64) uint64 {
-		if p == nil {
-			return 0
-		}
-		return *p
-	}
-	memLimit := uint64(math.MaxInt64) // what an unlimited cgroup reports, rounded
-	if limits.MemoryLimit != nil {
-		memLimit = uint64(*limits.MemoryLimit)
-	}
-	var pidLimit uint64
-	if limits.PidLimit != nil {
-		pidLimit = uint64(*limits.PidLimit)
-	}
-	mem := val(u.MemoryUsage)
-	if cgroups.Mode() == cgroups.Unified {
-		return &cg2.Metrics{
-			Pids:   &cg2.PidsStat{Current: val(u.Pids), Limit: pidLimit},
-			CPU:    &cg2.CPUStat{UsageUsec: val(u.CPUTimeNanos) / 1000},
-			Memory: &cg2.MemoryStat{Usage: mem, UsageLimit: memLimit, Anon: val(u.MemoryRSS)},
-		}
-	}
-	return &cg1.Metrics{
-		Pids: &cg1.PidsStat{Current: val(u.Pids), Limit: pidLimit},
-		CPU:  &cg1.CPUStat{Usage: &cg1.CPUUsage{Total: val(u.CPUTimeNanos)}},
-		Memory: &cg1.MemoryStat{
-			RSS:   val(u.MemoryRSS),
-			Usage: &cg1.MemoryEntry{Usage: mem, Limit: memLimit},
-		},
-	}
 }
 
 func timestamp(t time.Time) *timestamppb.Timestamp {

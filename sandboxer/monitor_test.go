@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
+	"github.com/kuasar-io/resource-slot-sandboxer/slot"
 )
 
 // TestMonitor samples a sandbox whose simulated container uses more memory
@@ -24,7 +25,7 @@ func TestMonitor(t *testing.T) {
 	require.NoError(t, create(ctx, e.ctrl, "sb", podConfig(map[string]string{resourceinfo.AnnotationMemoryLimit: "256Mi"}, nil)))
 	_, err := e.ctrl.Start(ctx, "sb")
 	require.NoError(t, err)
-	_, err = e.client.Create(ctx, &taskAPI.CreateTaskRequest{ID: "hog", Bundle: bundle(t, "sb", nil, map[string]string{AnnotationMemoryUsage: "300Mi"})})
+	_, err = e.client.Create(ctx, &taskAPI.CreateTaskRequest{ID: "hog", Bundle: bundle(t, "sb", nil, map[string]string{slot.AnnotationMemoryUsage: "300Mi"})})
 	require.NoError(t, err)
 	_, err = e.client.Start(ctx, &taskAPI.StartRequest{ID: "hog"})
 	require.NoError(t, err)

@@ -9,6 +9,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/typeurl/v2"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/cgmetrics"
 	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
 )
 
@@ -112,7 +113,7 @@ func (c *Controller) Metrics(ctx context.Context, id string) (*types.Metric, err
 	if err != nil {
 		return nil, err
 	}
-	data, err := typeurl.MarshalAnyToProto(CgroupMetrics(snap.info.Resources, u))
+	data, err := typeurl.MarshalAnyToProto(cgmetrics.From(snap.info.Resources, u))
 	if err != nil {
 		return nil, err
 	}

@@ -66,11 +66,20 @@ func (c *Controller) markStopped(sb *sandboxEntry, code uint32, at time.Time) er
 	return nil
 }
 
-// stopTasks ends the tasks of a stopping sandbox as SIGKILL would.
+// stopTasks ends the processes of a stopping sandbox as SIGKILL would.
 func stopTasks(st *State, at time.Time) {
 	for _, ctr := range st.Containers {
-		if t := ctr.Task; t != nil && t.Status != TaskStopped {
+		t := ctr.Task
+		if t == nil {
+			continue
+		}
+		if t.Status != TaskStopped {
 			t.Status, t.ExitStatus, t.ExitedAt = TaskStopped, exitCodeKilled, &at
+		}
+		for _, e := range t.Execs {
+			if e.Status != TaskStopped {
+				e.Status, e.ExitStatus, e.ExitedAt = TaskStopped, exitCodeKilled, &at
+			}
 		}
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/identifiers"
 	"github.com/containerd/errdefs"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/backend"
 	"github.com/kuasar-io/resource-slot-sandboxer/internal/statefile"
 	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
 )
@@ -77,20 +78,21 @@ type State struct {
 // Container is what the sandbox records of one of its containers.
 type Container struct {
 	Resources resourceinfo.Resources `json:"resources"`
-	// Task is the simulated task of the container, when the container
-	// was created through the task API.
+	// Task is the container's task (its init process and exec
+	// processes), when the container was created through the task API.
 	Task *TaskRecord `json:"task,omitempty"`
 }
 
 // Task statuses, as the task API names them.
 const (
-	TaskCreated = "created"
-	TaskRunning = "running"
-	TaskPaused  = "paused"
-	TaskStopped = "stopped"
+	TaskCreated = string(backend.StatusCreated)
+	TaskRunning = string(backend.StatusRunning)
+	TaskPaused  = string(backend.StatusPaused)
+	TaskStopped = string(backend.StatusStopped)
 )
 
-// TaskRecord is the persisted state of a simulated task.
+// TaskRecord is the persisted state of a container's task: its init
+// process, its exec processes, and what the backend keeps of it.
 type TaskRecord struct {
 	Namespace  string     `json:"namespace"`
 	Bundle     string     `json:"bundle"`
@@ -105,22 +107,34 @@ type TaskRecord struct {
 	CreatedAt  time.Time  `json:"created_at"`
 	StartedAt  *time.Time `json:"started_at"`
 	ExitedAt   *time.Time `json:"exited_at"`
-	Simulation Simulation `json:"simulation"`
+	// OOMKilled: the kernel's OOM killer killed a process of the
+	// container.
+	OOMKilled bool `json:"oom_killed,omitempty"`
+	// Execs are the exec processes, by exec ID.
+	Execs map[string]*ExecRecord `json:"execs,omitempty"`
+	// Private is the backend's own record of the container
+	// (backend.Created.Private).
+	Private json.RawMessage `json:"private,omitempty"`
+	// LegacySimulation is the slot simulation as state written before
+	// Private existed kept it; it is read once, into Private.
+	LegacySimulation json.RawMessage `json:"simulation,omitempty"`
 	// Meta is the creator's own metadata (the direct CRI service keeps the
 	// container's CRI config there).
 	Meta json.RawMessage `json:"meta,omitempty"`
 }
 
-// Simulation is what a simulated container does, set by annotations.
-type Simulation struct {
-	// ExitAfter makes the container exit by itself this long after start.
-	ExitAfter time.Duration `json:"exit_after,omitempty"`
-	// ExitCode is the exit status when it does.
-	ExitCode uint32 `json:"exit_code,omitempty"`
-	// CPUUsage is the CPU the container reports using, in cores.
-	CPUUsage float64 `json:"cpu_usage,omitempty"`
-	// MemoryUsage is the memory it reports using, in bytes.
-	MemoryUsage int64 `json:"memory_usage,omitempty"`
+// ExecRecord is the persisted state of an exec process.
+type ExecRecord struct {
+	// Spec is the exec's OCI process spec (JSON).
+	Spec       json.RawMessage `json:"spec"`
+	Stdin      string          `json:"stdin,omitempty"`
+	Stdout     string          `json:"stdout,omitempty"`
+	Stderr     string          `json:"stderr,omitempty"`
+	Terminal   bool            `json:"terminal,omitempty"`
+	Status     string          `json:"status"`
+	Pid        uint32          `json:"pid"`
+	ExitStatus uint32          `json:"exit_status"`
+	ExitedAt   *time.Time      `json:"exited_at"`
 }
 
 // ResourceInfo recomputes the effective resources from the state.
@@ -238,7 +252,8 @@ func internSources(m map[string]resourceinfo.Source) map[string]resourceinfo.Sou
 }
 
 // clone copies a state for a change: the copy's maps of containers, its
-// containers and their task records are its own, so a change to it leaves
+// containers, their task records and exec records are its own, so a
+// change to it leaves
 // the original (a snapshot readers may hold) as it was, and a failed change
 // is dropped with the copy.
 //
@@ -262,6 +277,14 @@ func (c *Container) clone() *Container {
 	cc := *c
 	if c.Task != nil {
 		t := *c.Task
+		if c.Task.Execs != nil {
+			// Changed in place (their status, pid and exit).
+			t.Execs = make(map[string]*ExecRecord, len(c.Task.Execs))
+			for id, e := range c.Task.Execs {
+				ec := *e
+				t.Execs[id] = &ec
+			}
+		}
 		cc.Task = &t
 	}
 	return &cc

@@ -48,7 +48,8 @@ func fullState() *State {
 		Containers: map[string]*Container{
 			"c1": {Resources: resourceinfo.Resources{CPULimit: &cpu}, Task: &TaskRecord{
 				Namespace: "k8s.io", Bundle: "/b", Status: TaskRunning, Pid: 1 << 22, CreatedAt: now, StartedAt: &now,
-				Simulation: Simulation{ExitAfter: time.Second, CPUUsage: 0.5}, Meta: json.RawMessage(`{"name":"c"}`),
+				Private: json.RawMessage(`{"simulation":{"exit_after":1000000000}}`), Meta: json.RawMessage(`{"name":"c"}`),
+				Execs: map[string]*ExecRecord{"e1": {Spec: json.RawMessage(`{"args":["sh"]}`), Status: TaskRunning, Pid: 9, ExitedAt: &now}},
 			}},
 			"c2": {},
 		},
@@ -102,6 +103,8 @@ func TestCloneShares(t *testing.T) {
 		"State.StartedAt": true, "State.ExitedAt": true, "State.Spec": true, "Ledger.Since": true,
 		"Container.Resources":  true,
 		"TaskRecord.StartedAt": true, "TaskRecord.ExitedAt": true, "TaskRecord.Meta": true,
+		"TaskRecord.Private": true, "TaskRecord.LegacySimulation": true,
+		"ExecRecord.Spec": true, "ExecRecord.ExitedAt": true,
 	}
 	st := fullState()
 	c := st.clone()

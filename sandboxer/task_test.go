@@ -23,6 +23,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	cg1 "github.com/containerd/cgroups/v3/cgroup1/stats"
@@ -103,6 +104,14 @@ func bundle(t *testing.T, sandboxID string, res *specs.LinuxResources, annotatio
 	return dir
 }
 
+// procSpec is an exec's process spec as containerd sends it.
+func procSpec(t *testing.T) *anypb.Any {
+	t.Helper()
+	a, err := typeurl.MarshalAnyToProto(&specs.Process{Args: []string{"true"}, Cwd: "/"})
+	require.NoError(t, err)
+	return a
+}
+
 // fifo makes a FIFO and opens its read end, as containerd does for stdout.
 func mkfifo(t *testing.T) (string, *os.File) {
 	t.Helper()
@@ -162,7 +171,7 @@ func TestTaskLifecycle(t *testing.T) {
 	st, err := e.client.State(ctx, &taskAPI.StateRequest{ID: "c1"})
 	require.NoError(t, err)
 	assert.Equal(t, task.Status_CREATED, st.Status)
-	assert.GreaterOrEqual(t, st.Pid, uint32(firstPid), "simulated pids are above PID_MAX_LIMIT")
+	assert.GreaterOrEqual(t, st.Pid, uint32(1<<22), "simulated pids are above PID_MAX_LIMIT")
 
 	start, err := e.client.Start(ctx, &taskAPI.StartRequest{ID: "c1"})
 	require.NoError(t, err)
@@ -233,7 +242,7 @@ func TestTaskSimulationAndErrors(t *testing.T) {
 	readySandbox(t, e, "sb")
 
 	_, err := e.client.Create(ctx, &taskAPI.CreateTaskRequest{ID: "job", Bundle: bundle(t, "sb", nil, map[string]string{
-		AnnotationExitAfter: "100ms", AnnotationExitCode: "3", AnnotationCPUUsage: "250m", AnnotationMemoryUsage: "64Mi",
+		slot.AnnotationExitAfter: "100ms", slot.AnnotationExitCode: "3", slot.AnnotationCPUUsage: "250m", slot.AnnotationMemoryUsage: "64Mi",
 	})})
 	require.NoError(t, err)
 	_, err = e.client.Start(ctx, &taskAPI.StartRequest{ID: "job"})
@@ -252,8 +261,25 @@ func TestTaskSimulationAndErrors(t *testing.T) {
 	}{
 		{"unknown task", func() error { _, err := e.client.State(ctx, &taskAPI.StateRequest{ID: "nope"}); return err }, errdefs.IsNotFound},
 		{"path id", func() error { _, err := e.client.State(ctx, &taskAPI.StateRequest{ID: "../x"}); return err }, errdefs.IsInvalidArgument},
-		{"exec", func() error {
+		{"exec without a spec", func() error {
 			_, err := e.client.Exec(ctx, &taskAPI.ExecProcessRequest{ID: "job", ExecID: "e"})
+			return err
+		}, errdefs.IsInvalidArgument},
+		{"exec in exited", func() error {
+			_, err := e.client.Exec(ctx, &taskAPI.ExecProcessRequest{ID: "job", ExecID: "e", Spec: procSpec(t)})
+			return err
+		}, errdefs.IsFailedPrecondition},
+		{"exec simulated", func() error {
+			_, err := e.client.Create(ctx, &taskAPI.CreateTaskRequest{ID: "runner", Bundle: bundle(t, "sb", nil, nil)})
+			require.NoError(t, err)
+			_, err = e.client.Start(ctx, &taskAPI.StartRequest{ID: "runner"})
+			require.NoError(t, err)
+			defer func() {
+				e.client.Kill(ctx, &taskAPI.KillRequest{ID: "runner", Signal: 9})
+				e.client.Wait(ctx, &taskAPI.WaitRequest{ID: "runner"})
+				e.client.Delete(ctx, &taskAPI.DeleteRequest{ID: "runner"})
+			}()
+			_, err = e.client.Exec(ctx, &taskAPI.ExecProcessRequest{ID: "runner", ExecID: "e", Spec: procSpec(t)})
 			return err
 		}, errdefs.IsNotImplemented},
 		{"checkpoint", func() error {
@@ -278,7 +304,7 @@ func TestTaskSimulationAndErrors(t *testing.T) {
 			return err
 		}, errdefs.IsInvalidArgument},
 		{"bad simulation", func() error {
-			_, err := e.client.Create(ctx, &taskAPI.CreateTaskRequest{ID: "z", Bundle: bundle(t, "sb", nil, map[string]string{AnnotationExitCode: "300"})})
+			_, err := e.client.Create(ctx, &taskAPI.CreateTaskRequest{ID: "z", Bundle: bundle(t, "sb", nil, map[string]string{slot.AnnotationExitCode: "300"})})
 			return err
 		}, errdefs.IsInvalidArgument},
 		{"relative bundle", func() error {
@@ -310,7 +336,7 @@ func TestTasksSurviveRestartAndDieWithSandbox(t *testing.T) {
 		_, err = e.client.Start(ctx, &taskAPI.StartRequest{ID: id})
 		require.NoError(t, err)
 	}
-	_, err := e.client.Create(ctx, &taskAPI.CreateTaskRequest{ID: "later", Bundle: bundle(t, "sb", nil, map[string]string{AnnotationExitAfter: "300ms"})})
+	_, err := e.client.Create(ctx, &taskAPI.CreateTaskRequest{ID: "later", Bundle: bundle(t, "sb", nil, map[string]string{slot.AnnotationExitAfter: "300ms"})})
 	require.NoError(t, err)
 	_, err = e.client.Start(ctx, &taskAPI.StartRequest{ID: "later"})
 	require.NoError(t, err)

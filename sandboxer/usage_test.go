@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -34,21 +35,22 @@ func TestUsageSimulated(t *testing.T) {
 
 	u, source, err := c.Usage(ctx, "sb")
 	require.NoError(t, err)
-	assert.Equal(t, UsageSimulated, source)
+	assert.Equal(t, resourceinfo.UsageSimulated, source)
 	assert.Equal(t, uint64(0), *u.MemoryUsage, "no containers")
 	assert.Equal(t, 0.0, *u.CPUPercent)
 
 	for _, ctr := range []struct {
-		id  string
-		sim Simulation
+		id       string
+		cpu, mem string
 	}{
-		{"c1", Simulation{CPUUsage: 0.5, MemoryUsage: 100 << 20}},
-		{"c2", Simulation{CPUUsage: 0.25, MemoryUsage: 200 << 20}},
+		{"c1", "500m", "100Mi"},
+		{"c2", "250m", "200Mi"},
 	} {
 		k := TaskKey{"k8s.io", ctr.id}
-		_, err := tasks.Create(ctx, TaskSpec{Key: k, SandboxID: "sb", Simulation: ctr.sim})
+		spec := &specs.Spec{Annotations: map[string]string{slot.AnnotationCPUUsage: ctr.cpu, slot.AnnotationMemoryUsage: ctr.mem}}
+		_, err := tasks.Create(ctx, TaskSpec{Key: k, SandboxID: "sb", Spec: spec})
 		require.NoError(t, err)
-		_, err = tasks.Start(ctx, k)
+		_, err = tasks.Start(ctx, k, "")
 		require.NoError(t, err)
 	}
 	time.Sleep(20 * time.Millisecond)
@@ -61,7 +63,7 @@ func TestUsageSimulated(t *testing.T) {
 	assert.Equal(t, []string{"memory_usage 314572800 > memory_limit 268435456"}, u.Violations)
 
 	// A stopped container keeps its CPU time, uses nothing more.
-	require.NoError(t, tasks.Kill(ctx, TaskKey{"k8s.io", "c2"}, 9))
+	require.NoError(t, tasks.Kill(ctx, TaskKey{"k8s.io", "c2"}, "", 9, false))
 	require.Eventually(t, func() bool {
 		u, _, err = c.Usage(ctx, "sb")
 		return err == nil && *u.Pids == 1

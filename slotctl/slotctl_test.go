@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/sandbox"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -132,9 +133,9 @@ func TestResources(t *testing.T) {
 	// usage, with a simulated container
 	k := sandboxer.TaskKey{Namespace: "k8s.io", ID: "c1"}
 	_, err = e.tasks.Create(context.Background(), sandboxer.TaskSpec{Key: k, SandboxID: "pod-a",
-		Simulation: sandboxer.Simulation{CPUUsage: 0.5, MemoryUsage: 512 << 20}})
+		Spec: &specs.Spec{Annotations: map[string]string{slot.AnnotationCPUUsage: "500m", slot.AnnotationMemoryUsage: "512Mi"}}})
 	require.NoError(t, err)
-	_, err = e.tasks.Start(context.Background(), k)
+	_, err = e.tasks.Start(context.Background(), k, "")
 	require.NoError(t, err)
 	code, out, errOut = e.run(t, "resources", "usage", "pod-a")
 	require.Equal(t, 0, code, errOut)

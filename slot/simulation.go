@@ -1,4 +1,4 @@
-package sandboxer
+package slot
 
 import (
 	"fmt"
@@ -6,12 +6,14 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
-	"k8s.io/apimachinery/pkg/api/resource"
+
+	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
 )
 
 // Container annotations that set what a simulated container does. In
 // Kubernetes they are the container's (not the pod's) annotations, which
-// containerd copies into the OCI spec.
+// containerd copies into the OCI spec when its container_annotations
+// allow them.
 const (
 	// AnnotationExitAfter makes the container exit by itself this long
 	// after it starts (a Go duration: "30s", "5m").
@@ -25,10 +27,29 @@ const (
 	AnnotationMemoryUsage = "resource-slot.kuasar.io/memory-usage"
 )
 
-// maxExitAfter keeps timers sane; a year is "never" for a test.
-const maxExitAfter = 365 * 24 * time.Hour
+// Simulation is what a simulated container does, set by annotations.
+type Simulation struct {
+	// ExitAfter makes the container exit by itself this long after start.
+	ExitAfter time.Duration `json:"exit_after,omitempty"`
+	// ExitCode is the exit status when it does.
+	ExitCode uint32 `json:"exit_code,omitempty"`
+	// CPUUsage is the CPU the container reports using, in cores.
+	CPUUsage float64 `json:"cpu_usage,omitempty"`
+	// MemoryUsage is the memory it reports using, in bytes.
+	MemoryUsage int64 `json:"memory_usage,omitempty"`
+}
 
-// ParseSimulation reads the simulation annotations of a container.
+// Bounds of the simulation: a year is "never" for a test; a million cores
+// and 8 EiB are beyond any node.
+const (
+	maxExitAfter = 365 * 24 * time.Hour
+	maxCPUUsage  = 1e6
+	// maxDurationLen bounds a duration's text before it is parsed.
+	maxDurationLen = 32
+)
+
+// ParseSimulation reads the simulation annotations of a container. Every
+// value goes through the guarded parsers of package resourceinfo.
 func ParseSimulation(a map[string]string) (Simulation, error) {
 	var s Simulation
 	bad := func(key, value, reason string) error {
@@ -38,6 +59,9 @@ func ParseSimulation(a map[string]string) (Simulation, error) {
 		return fmt.Errorf("%w: %s=%q: %s", errdefs.ErrInvalidArgument, key, value, reason)
 	}
 	if v, ok := a[AnnotationExitAfter]; ok {
+		if len(v) > maxDurationLen {
+			return s, bad(AnnotationExitAfter, v, "too long")
+		}
 		d, err := time.ParseDuration(v)
 		if err != nil || d <= 0 || d > maxExitAfter {
 			return s, bad(AnnotationExitAfter, v, "want a positive duration such as 30s, at most a year")
@@ -52,17 +76,19 @@ func ParseSimulation(a map[string]string) (Simulation, error) {
 		s.ExitCode = uint32(n)
 	}
 	if v, ok := a[AnnotationCPUUsage]; ok {
-		q, err := resource.ParseQuantity(v)
-		if err != nil || q.Sign() < 0 || q.Cmp(resource.MustParse("1M")) > 0 {
-			return s, bad(AnnotationCPUUsage, v, "want a non-negative quantity of cores such as 500m")
+		q, err := resourceinfo.ParseQuantity(AnnotationCPUUsage, v)
+		if err != nil {
+			return s, err
+		}
+		if q.CmpInt64(maxCPUUsage) > 0 {
+			return s, bad(AnnotationCPUUsage, v, "want a quantity of cores such as 500m, at most a million")
 		}
 		s.CPUUsage = float64(q.MilliValue()) / 1000
 	}
 	if v, ok := a[AnnotationMemoryUsage]; ok {
-		q, err := resource.ParseQuantity(v)
-		n, isInt := q.AsInt64()
-		if err != nil || q.Sign() < 0 || !isInt {
-			return s, bad(AnnotationMemoryUsage, v, "want a non-negative quantity of bytes such as 128Mi")
+		n, err := resourceinfo.ParseWholeQuantity(AnnotationMemoryUsage, v)
+		if err != nil {
+			return s, err
 		}
 		s.MemoryUsage = n
 	}

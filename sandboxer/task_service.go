@@ -25,6 +25,7 @@ import (
 	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/backend"
 	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
 )
 
@@ -36,9 +37,9 @@ const annotationSandboxID = "io.kubernetes.cri.sandbox-id"
 const maxSpecSize = 16 << 20
 
 // TaskServer serves containerd.task.v3.Task over ttrpc for the containers
-// of every sandbox, behind the task shim (TaskProxy) whose address the
-// controller's Start returns. It reads each container's OCI spec from its
-// bundle and drives the simulated Tasks.
+// of every sandbox, behind the task shim whose address the controller's
+// Start returns. It reads each container's OCI spec from its bundle and
+// drives the Tasks; the processes are the backend's.
 type TaskServer struct {
 	tasks  *Tasks
 	server *ttrpc.Server
@@ -97,9 +98,8 @@ func key(ctx context.Context, id string) TaskKey {
 	return TaskKey{ns, id}
 }
 
-var errNoExec = fmt.Errorf("slot containers run no exec processes: %w", errdefs.ErrNotFound)
-
-// Create records a container and its resources in its sandbox.
+// Create records a container and its resources in its sandbox and creates
+// its init process in the backend.
 func (ts *TaskServer) Create(ctx context.Context, req *taskAPI.CreateTaskRequest) (*taskAPI.CreateTaskResponse, error) {
 	k := key(ctx, req.GetID())
 	if err := ValidateID("container", k.ID); err != nil {
@@ -111,20 +111,16 @@ func (ts *TaskServer) Create(ctx context.Context, req *taskAPI.CreateTaskRequest
 	}
 	sandboxID := spec.Annotations[annotationSandboxID]
 	if sandboxID == "" {
-		return nil, errgrpc.ToGRPCf(errdefs.ErrFailedPrecondition, "container %s has no %s annotation: slot containers run only in a sandbox", k.ID, annotationSandboxID)
+		return nil, errgrpc.ToGRPCf(errdefs.ErrFailedPrecondition, "container %s has no %s annotation: its sandbox is unknown", k.ID, annotationSandboxID)
 	}
 	res, err := resourceinfo.FromOCISpec(spec)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", k.ID, err))
 	}
-	sim, err := ParseSimulation(spec.Annotations)
-	if err != nil {
-		return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", k.ID, err))
-	}
 	rec, err := ts.tasks.Create(ctx, TaskSpec{
-		Key: k, SandboxID: sandboxID, Bundle: req.GetBundle(), Rootfs: req.GetRootfs(),
-		Resources: res, Simulation: sim,
-		Stdin: req.GetStdin(), Stdout: req.GetStdout(), Stderr: req.GetStderr(), Terminal: req.GetTerminal(),
+		Key: k, SandboxID: sandboxID, Bundle: req.GetBundle(), Spec: spec, Rootfs: req.GetRootfs(),
+		Options: req.GetOptions(), Resources: res,
+		IO: backend.IO{Stdin: req.GetStdin(), Stdout: req.GetStdout(), Stderr: req.GetStderr(), Terminal: req.GetTerminal()},
 	})
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
@@ -133,25 +129,19 @@ func (ts *TaskServer) Create(ctx context.Context, req *taskAPI.CreateTaskRequest
 }
 
 func (ts *TaskServer) Start(ctx context.Context, req *taskAPI.StartRequest) (*taskAPI.StartResponse, error) {
-	if req.GetExecID() != "" {
-		return nil, errgrpc.ToGRPC(errNoExec)
-	}
-	rec, err := ts.tasks.Start(ctx, key(ctx, req.GetID()))
+	pid, err := ts.tasks.Start(ctx, key(ctx, req.GetID()), req.GetExecID())
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	return &taskAPI.StartResponse{Pid: rec.Pid}, nil
+	return &taskAPI.StartResponse{Pid: pid}, nil
 }
 
 func (ts *TaskServer) Delete(ctx context.Context, req *taskAPI.DeleteRequest) (*taskAPI.DeleteResponse, error) {
-	if req.GetExecID() != "" {
-		return nil, errgrpc.ToGRPC(errNoExec)
-	}
-	rec, err := ts.tasks.Delete(ctx, key(ctx, req.GetID()))
+	p, err := ts.tasks.Delete(ctx, key(ctx, req.GetID()), req.GetExecID())
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	return &taskAPI.DeleteResponse{Pid: rec.Pid, ExitStatus: rec.ExitStatus, ExitedAt: timestampOf(rec.ExitedAt)}, nil
+	return &taskAPI.DeleteResponse{Pid: p.Pid, ExitStatus: p.ExitStatus, ExitedAt: timestampOf(p.ExitedAt)}, nil
 }
 
 func timestampOf(t *time.Time) *timestamppb.Timestamp {
@@ -162,25 +152,28 @@ func timestampOf(t *time.Time) *timestamppb.Timestamp {
 }
 
 func (ts *TaskServer) State(ctx context.Context, req *taskAPI.StateRequest) (*taskAPI.StateResponse, error) {
-	if req.GetExecID() != "" {
-		return nil, errgrpc.ToGRPC(errNoExec)
-	}
-	rec, _, _, err := ts.tasks.Get(key(ctx, req.GetID()))
+	k := key(ctx, req.GetID())
+	p, rec, err := ts.tasks.Process(k, req.GetExecID())
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	return &taskAPI.StateResponse{
+	resp := &taskAPI.StateResponse{
 		ID:         req.GetID(),
+		ExecID:     req.GetExecID(),
 		Bundle:     rec.Bundle,
-		Pid:        rec.Pid,
-		Status:     taskStatus(rec.Status),
+		Pid:        p.Pid,
+		Status:     taskStatus(p.Status),
 		Stdin:      rec.Stdin,
 		Stdout:     rec.Stdout,
 		Stderr:     rec.Stderr,
 		Terminal:   rec.Terminal,
-		ExitStatus: rec.ExitStatus,
-		ExitedAt:   timestampOf(rec.ExitedAt),
-	}, nil
+		ExitStatus: p.ExitStatus,
+		ExitedAt:   timestampOf(p.ExitedAt),
+	}
+	if e := rec.Execs[req.GetExecID()]; req.GetExecID() != "" && e != nil {
+		resp.Stdin, resp.Stdout, resp.Stderr, resp.Terminal = e.Stdin, e.Stdout, e.Stderr, e.Terminal
+	}
+	return resp, nil
 }
 
 func taskStatus(s string) task.Status {
@@ -198,14 +191,15 @@ func taskStatus(s string) task.Status {
 }
 
 func (ts *TaskServer) Pids(ctx context.Context, req *taskAPI.PidsRequest) (*taskAPI.PidsResponse, error) {
-	rec, _, _, err := ts.tasks.Get(key(ctx, req.GetID()))
+	pids, err := ts.tasks.Pids(ctx, key(ctx, req.GetID()))
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	if rec.Status == TaskStopped {
-		return &taskAPI.PidsResponse{}, nil
+	resp := &taskAPI.PidsResponse{}
+	for _, pid := range pids {
+		resp.Processes = append(resp.Processes, &task.ProcessInfo{Pid: pid})
 	}
-	return &taskAPI.PidsResponse{Processes: []*task.ProcessInfo{{Pid: rec.Pid}}}, nil
+	return resp, nil
 }
 
 func (ts *TaskServer) Pause(ctx context.Context, req *taskAPI.PauseRequest) (*emptypb.Empty, error) {
@@ -217,45 +211,68 @@ func (ts *TaskServer) Resume(ctx context.Context, req *taskAPI.ResumeRequest) (*
 }
 
 func (ts *TaskServer) Checkpoint(context.Context, *taskAPI.CheckpointTaskRequest) (*emptypb.Empty, error) {
-	return nil, errgrpc.ToGRPCf(errdefs.ErrNotImplemented, "checkpoint: slot containers run no process to checkpoint")
+	return nil, errgrpc.ToGRPCf(errdefs.ErrNotImplemented, "checkpoint is not supported")
 }
 
 func (ts *TaskServer) Kill(ctx context.Context, req *taskAPI.KillRequest) (*emptypb.Empty, error) {
-	if req.GetExecID() != "" {
-		return nil, errgrpc.ToGRPC(errNoExec)
-	}
-	if err := ts.tasks.Kill(ctx, key(ctx, req.GetID()), syscall.Signal(req.GetSignal())); err != nil {
+	if err := ts.tasks.Kill(ctx, key(ctx, req.GetID()), req.GetExecID(), syscall.Signal(req.GetSignal()), req.GetAll()); err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
 	return &emptypb.Empty{}, nil
 }
 
-func (ts *TaskServer) Exec(context.Context, *taskAPI.ExecProcessRequest) (*emptypb.Empty, error) {
-	return nil, errgrpc.ToGRPCf(errdefs.ErrNotImplemented, "exec: slot containers are simulated and run no process to exec into")
+func (ts *TaskServer) Exec(ctx context.Context, req *taskAPI.ExecProcessRequest) (*emptypb.Empty, error) {
+	spec, err := processSpec(req.GetSpec())
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	pio := backend.IO{Stdin: req.GetStdin(), Stdout: req.GetStdout(), Stderr: req.GetStderr(), Terminal: req.GetTerminal()}
+	if err := ts.tasks.Exec(ctx, key(ctx, req.GetID()), req.GetExecID(), spec, pio); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	return &emptypb.Empty{}, nil
+}
+
+// processSpec decodes the OCI process spec of an exec.
+func processSpec(a *anypb.Any) (*specs.Process, error) {
+	if a == nil {
+		return nil, fmt.Errorf("%w: exec without a process spec", errdefs.ErrInvalidArgument)
+	}
+	if len(a.GetValue()) > maxSpecSize {
+		return nil, fmt.Errorf("%w: exec process spec of %d bytes", errdefs.ErrInvalidArgument, len(a.GetValue()))
+	}
+	v, err := typeurl.UnmarshalAny(a)
+	if err != nil {
+		return nil, fmt.Errorf("%w: exec process spec: %v", errdefs.ErrInvalidArgument, err)
+	}
+	p, ok := v.(*specs.Process)
+	if !ok {
+		return nil, fmt.Errorf("%w: exec process spec of type %s, want an OCI Process", errdefs.ErrInvalidArgument, a.GetTypeUrl())
+	}
+	return p, nil
 }
 
 func (ts *TaskServer) ResizePty(ctx context.Context, req *taskAPI.ResizePtyRequest) (*emptypb.Empty, error) {
-	if _, _, _, err := ts.tasks.Get(key(ctx, req.GetID())); err != nil {
+	if err := ts.tasks.ResizePty(ctx, key(ctx, req.GetID()), req.GetExecID(), req.GetWidth(), req.GetHeight()); err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	// No terminal is attached to a simulated process: nothing to resize.
 	return &emptypb.Empty{}, nil
 }
 
 func (ts *TaskServer) CloseIO(ctx context.Context, req *taskAPI.CloseIORequest) (*emptypb.Empty, error) {
 	k := key(ctx, req.GetID())
-	if _, _, _, err := ts.tasks.Get(k); err != nil {
+	if _, _, err := ts.tasks.Process(k, req.GetExecID()); err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
 	if req.GetStdin() {
-		if err := ts.tasks.CloseStdin(k); err != nil {
+		if err := ts.tasks.CloseStdin(ctx, k, req.GetExecID()); err != nil {
 			return nil, errgrpc.ToGRPC(err)
 		}
 	}
 	return &emptypb.Empty{}, nil
 }
 
-// Update records a container's new resources (crictl update, kubelet
+// Update applies a container's new resources (crictl update, kubelet
 // resize) and recomputes the sandbox totals.
 func (ts *TaskServer) Update(ctx context.Context, req *taskAPI.UpdateTaskRequest) (*emptypb.Empty, error) {
 	k := key(ctx, req.GetID())
@@ -270,7 +287,7 @@ func (ts *TaskServer) Update(ctx context.Context, req *taskAPI.UpdateTaskRequest
 	if err != nil {
 		return nil, errgrpc.ToGRPC(fmt.Errorf("container %s: %w", k.ID, err))
 	}
-	return &emptypb.Empty{}, errgrpc.ToGRPC(ts.tasks.SetResources(ctx, k, res))
+	return &emptypb.Empty{}, errgrpc.ToGRPC(ts.tasks.SetResources(ctx, k, res, lr))
 }
 
 // linuxResources decodes the OCI LinuxResources of an update.
@@ -290,24 +307,17 @@ func linuxResources(a *anypb.Any) (*specs.LinuxResources, error) {
 }
 
 func (ts *TaskServer) Wait(ctx context.Context, req *taskAPI.WaitRequest) (*taskAPI.WaitResponse, error) {
-	if req.GetExecID() != "" {
-		return nil, errgrpc.ToGRPC(errNoExec)
-	}
-	rec, err := ts.tasks.Wait(ctx, key(ctx, req.GetID()))
+	p, err := ts.tasks.Wait(ctx, key(ctx, req.GetID()), req.GetExecID())
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	return &taskAPI.WaitResponse{ExitStatus: rec.ExitStatus, ExitedAt: timestampOf(rec.ExitedAt)}, nil
+	return &taskAPI.WaitResponse{ExitStatus: p.ExitStatus, ExitedAt: timestampOf(p.ExitedAt)}, nil
 }
 
-// Stats reports the simulated usage with the container's limits, as the
-// cgroup metrics type of this host, which containerd's CRI decodes.
+// Stats reports a container's cgroup metrics: the guest's in vm mode, the
+// simulated usage with the container's limits in slot mode.
 func (ts *TaskServer) Stats(ctx context.Context, req *taskAPI.StatsRequest) (*taskAPI.StatsResponse, error) {
-	rec, ctr, _, err := ts.tasks.Get(key(ctx, req.GetID()))
-	if err != nil {
-		return nil, errgrpc.ToGRPC(err)
-	}
-	data, err := typeurl.MarshalAnyToProto(CgroupMetrics(ctr.Resources, Usage(rec, time.Now())))
+	data, err := ts.tasks.Stats(ctx, key(ctx, req.GetID()))
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
