@@ -39,7 +39,7 @@ import (
 const (
 	DefaultSegmentSize = 8 << 20
 	minSegmentSize     = 64 << 10
-	defaultMaxFree     = 2
+	defaultMaxFree     = 3
 	segSuffix          = ".seg"
 	tempPrefix         = ".tmp-"
 )
@@ -56,7 +56,7 @@ type Options struct {
 	// survives the process once Append returns, not a power loss.
 	NoSync bool
 	// MaxFree is how many free segment files are kept for reuse
-	// (default 2).
+	// (default 3; one of them is only used when the disk is full).
 	MaxFree int
 	// OnFailed is called, in a goroutine of its own, with the IDs of
 	// records whose write or sync failed: the calls that appended them
@@ -202,7 +202,11 @@ func Open(dir string, opts Options) (*Journal, *Replay, error) {
 	}
 	j.active = j.spare
 	j.spare = nil
-	go j.ensureSpare() //nolint:errcheck // retried at the next rotation
+	go func() {
+		if j.ensureSpare() == nil {
+			j.ensureReserve()
+		}
+	}()
 	if len(j.sealed) > 0 {
 		j.signalCompact()
 	}
@@ -573,6 +577,31 @@ func (j *Journal) write(batch []*pending, hasSpare bool) ([]result, []string) {
 	return res, failed
 }
 
+// ensureReserve makes sure one free file is kept besides the spare: the
+// one a full disk falls back on (ensureSpare).
+func (j *Journal) ensureReserve() {
+	j.prepMu.Lock()
+	defer j.prepMu.Unlock()
+	j.mu.Lock()
+	have := len(j.free) > 0 || j.closed
+	j.mu.Unlock()
+	if have || j.fault("prepare") != nil {
+		return
+	}
+	seg, err := j.createFile()
+	if err != nil {
+		return // tried again after the next rotation
+	}
+	if err := j.writeHeader(seg, segHeader{number: 0, size: seg.size, free: true}); err != nil {
+		unix.Close(seg.fd)
+		os.Remove(seg.path)
+		return
+	}
+	j.mu.Lock()
+	j.free = append(j.free, seg)
+	j.mu.Unlock()
+}
+
 // rotate seals the active segment and makes the spare the active one; a
 // full segment (full) asks for a compaction. The caller holds the writer
 // role.
@@ -599,7 +628,11 @@ func (j *Journal) rotate(full bool) (*segment, error) {
 	if full {
 		j.signalCompact()
 	}
-	go j.ensureSpare() //nolint:errcheck // retried at the next rotation
+	go func() {
+		if j.ensureSpare() == nil {
+			j.ensureReserve()
+		}
+	}()
 	return next, nil
 }
 
@@ -681,16 +714,30 @@ func (j *Journal) ensureSpare() error {
 		j.mu.Unlock()
 		return nil
 	}
+	// The last free file is kept for when no other can be had (below).
 	var seg *segment
-	if n := len(j.free); n > 0 && j.free[n-1].size == j.opts.SegmentSize {
+	if n := len(j.free); n > 1 && j.free[n-1].size == j.opts.SegmentSize {
 		seg = j.free[n-1]
 		j.free = j.free[:n-1]
 	}
 	number := j.maxNumber + 1
 	j.mu.Unlock()
-	err := j.fault("prepare")
-	if err == nil && seg == nil {
-		seg, err = j.createFile()
+	var err error
+	if seg == nil {
+		if err = j.fault("prepare"); err == nil {
+			seg, err = j.createFile()
+		}
+		if errors.Is(err, syscall.ENOSPC) {
+			// A full disk: the file kept for it, if any. Without it a
+			// daemon restarted on a full disk could record nothing, not
+			// even the stops and removals that free space.
+			j.mu.Lock()
+			if n := len(j.free); n > 0 && j.free[n-1].size == j.opts.SegmentSize {
+				seg, err = j.free[n-1], nil
+				j.free = j.free[:n-1]
+			}
+			j.mu.Unlock()
+		}
 	}
 	if err == nil {
 		err = j.writeHeader(seg, segHeader{number: number, size: seg.size})

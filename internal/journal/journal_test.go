@@ -477,3 +477,38 @@ func TestLargeRecord(t *testing.T) {
 		assert.Equal(t, int64(testSegment), fi.Size(), "the large segment is removed once released")
 	}
 }
+
+// TestOpenOnFullDisk: a journal reopened with no space left (the spare
+// used up, no file can be made) takes the free file kept for that, and
+// records that free space still go in.
+func TestOpenOnFullDisk(t *testing.T) {
+	dir := t.TempDir()
+	var full atomic.Bool
+	fault := func(op string) error {
+		if op == "prepare" && full.Load() {
+			return fmt.Errorf("create segment: %w", syscall.ENOSPC)
+		}
+		return nil
+	}
+	j, _ := open(t, dir, Options{Fault: fault})
+	put(t, j, "a", "1")
+	waitSpare(t, j)
+	j.ensureReserve()
+	j.Close()
+	full.Store(true)
+	prepRetry = 0
+	defer func() { prepRetry = defaultPrepRetry }()
+	// The spare of the first run is reused at the open; then none is
+	// left but the reserve.
+	j, rep := open(t, dir, Options{Fault: fault})
+	assert.Equal(t, map[string]string{"a": "1"}, latest(rep))
+	j.Close()
+	j, rep = open(t, dir, Options{Fault: fault})
+	assert.Equal(t, map[string]string{"a": "1"}, latest(rep))
+	_, err := j.Append(Entry{Kind: Delete, ID: "a", Frees: true, Durable: true})
+	require.NoError(t, err, "a removal is recorded on a full disk")
+	j.Close()
+	full.Store(false)
+	_, rep = open(t, dir, Options{})
+	assert.Empty(t, latest(rep))
+}
