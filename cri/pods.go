@@ -153,7 +153,7 @@ func (s *Service) RunPodSandbox(ctx context.Context, req *runtime.RunPodSandboxR
 	}
 	created := false
 	defer func() { done(created) }()
-	if err := s.ctrl.Create(ctx, sandbox.Sandbox{ID: id}, sandbox.WithOptions(cfg)); err != nil {
+	if err := s.ctrl.CreatePod(ctx, id, cfg); err != nil {
 		return nil, toGRPC(ctx, "RunPodSandbox", err)
 	}
 	if _, err := s.ctrl.Start(ctx, id); err != nil {

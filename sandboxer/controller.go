@@ -90,6 +90,8 @@ type Controller struct {
 
 	// journal is the commit point of every change (see commit).
 	journal *journal.Journal
+	// pool makes and recycles sandbox directories (dirpool.go).
+	pool *dirPool
 	// replay is what the journal held when it was opened, for Recover.
 	replay *journal.Replay
 	// compactMu serializes compactions; compactHook, in tests, fails a
@@ -174,7 +176,16 @@ func New(opts Options) (*Controller, error) {
 		return nil, fmt.Errorf("open journal: %w", storageError(filepath.Join(opts.Root, JournalDir), err))
 	}
 	c.journal, c.replay = j, replay
+	if c.pool, err = newDirPool(opts.Root); err != nil {
+		j.Close()
+		return nil, err
+	}
 	c.background, c.stopBg = context.WithCancel(context.Background())
+	c.bg.Add(1)
+	go func() {
+		defer c.bg.Done()
+		c.pool.run(c.background)
+	}()
 	if len(replay.Records) == 0 && len(replay.Damage) == 0 {
 		// Nothing in the journal to recover first.
 		c.startCompactor()
@@ -305,6 +316,7 @@ func (c *Controller) commitResources(sb *sandboxEntry, st *State, ri resourceinf
 	old := sb.snap.Load()
 	if changed {
 		st.ResourcesUpdatedAt = time.Now().UTC()
+		ri.UpdatedAt = st.ResourcesUpdatedAt
 	}
 	payload, err := encodeState(st)
 	if err != nil {
@@ -515,7 +527,9 @@ func (c *Controller) forget(id string, sb *sandboxEntry) {
 	sb.closeOnce.Do(func() { close(sb.exited) })
 }
 
-func logResources(ctx context.Context, msg string, ri resourceinfo.ResourceInfo) {
+// logResources logs a sandbox's new resources; encoded, when not nil, is
+// its resource_info.json, which the debug line shows.
+func logResources(ctx context.Context, msg string, ri resourceinfo.ResourceInfo, encoded []byte) {
 	l := log.G(ctx)
 	l.WithFields(log.Fields{
 		"cpu_limit":    fmtPtr(ri.CPULimit),
@@ -523,8 +537,10 @@ func logResources(ctx context.Context, msg string, ri resourceinfo.ResourceInfo)
 		"pid_limit":    fmtPtr(ri.PidLimit),
 	}).Info(msg)
 	if l.Logger.IsLevelEnabled(log.DebugLevel) {
-		data, _ := json.Marshal(ri)
-		l.WithField("resource_info", string(data)).Debug(msg)
+		if encoded == nil {
+			encoded, _ = json.Marshal(ri)
+		}
+		l.WithField("resource_info", string(encoded)).Debug(msg)
 	}
 }
 

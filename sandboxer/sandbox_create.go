@@ -4,7 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"os"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/sandbox"
 	"github.com/containerd/errdefs"
@@ -17,7 +17,7 @@ import (
 
 // Create records a sandbox, extracts its resources and prepares it in the
 // backend. Nothing of it is left on disk when Create fails.
-func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...sandbox.CreateOpt) (retErr error) {
+func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...sandbox.CreateOpt) error {
 	id := info.ID
 	if err := ValidateID("sandbox", id); err != nil {
 		return err
@@ -32,6 +32,20 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 	if err != nil {
 		return err
 	}
+	return c.create(ctx, id, cfg, o)
+}
+
+// CreatePod is Create of a sandbox with a PodSandboxConfig already
+// decoded: the direct CRI service's, which need not encode it into the
+// options for Create to decode it again.
+func (c *Controller) CreatePod(ctx context.Context, id string, cfg *runtime.PodSandboxConfig) error {
+	if err := ValidateID("sandbox", id); err != nil {
+		return err
+	}
+	return c.create(ctx, id, cfg, sandbox.CreateOptions{})
+}
+
+func (c *Controller) create(ctx context.Context, id string, cfg *runtime.PodSandboxConfig, o sandbox.CreateOptions) (retErr error) {
 	if err := validatePodConfig(cfg); err != nil {
 		return err
 	}
@@ -75,17 +89,6 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 		}
 	}()
 
-	if err := mkdirSandbox(dir); err != nil {
-		return storageError(dir, err)
-	}
-	defer func() {
-		if retErr != nil {
-			if err := os.RemoveAll(dir); err != nil {
-				log.G(ctx).WithError(err).Warn("remove directory of failed sandbox")
-			}
-		}
-	}()
-
 	st := &State{
 		Version:     stateVersion,
 		ID:          id,
@@ -96,15 +99,31 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 		Annotations: annotations,
 		Config:      cfgJSON,
 		Spec:        internSpec(&spec),
-		Containers:  map[string]*Container{},
 	}
 	ri := st.ResourceInfo()
+	st.ResourcesUpdatedAt = time.Now().UTC()
+	ri.UpdatedAt = st.ResourcesUpdatedAt
 	if err := c.opts.Admitter.Admit(ctx, id, ri.Resources); err != nil {
 		return err
 	}
 	defer func() {
 		if retErr != nil {
 			c.opts.Admitter.Release(id)
+		}
+	}()
+	riData, err := encodeInfo(st, ri)
+	if err != nil {
+		return err
+	}
+	// The directory appears whole, with its resource_info.json.
+	if err := c.pool.make(dir, riData); err != nil {
+		return storageError(dir, err)
+	}
+	defer func() {
+		if retErr != nil {
+			if err := c.pool.remove(dir); err != nil {
+				log.G(ctx).WithError(err).Warn("remove directory of failed sandbox")
+			}
 		}
 	}()
 	if err := c.opts.Backend.Create(ctx, id, dir, ri); err != nil {
@@ -117,11 +136,12 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 			}
 		}
 	}()
-	// Written, not synced (see commit): Start makes it durable.
-	if err := c.commit(sb, st); err != nil {
+	// Written, not synced (see commit): Start makes it durable. Its
+	// resource_info.json is written already.
+	if err := c.commitResources(sb, st, ri, false); err != nil {
 		return err
 	}
-	logResources(ctx, "sandbox created", ri)
+	logResources(ctx, "sandbox created", ri, riData)
 	return nil
 }
 

@@ -3,7 +3,6 @@ package sandboxer
 import (
 	"context"
 	"fmt"
-	"os"
 
 	"github.com/containerd/log"
 )
@@ -43,7 +42,7 @@ func (c *Controller) remove(sb *sandboxEntry) error {
 		return err
 	}
 	sb.removed = true
-	if err := os.RemoveAll(c.Dir(sb.id)); err != nil {
+	if err := c.pool.remove(c.Dir(sb.id)); err != nil {
 		log.L.WithError(err).WithField("sandbox", sb.id).Error("remove sandbox directory")
 	}
 	return nil

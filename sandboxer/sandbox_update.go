@@ -126,6 +126,6 @@ func (c *Controller) change(ctx context.Context, id string, fn func(*State) erro
 		}
 		return err
 	}
-	logResources(ctx, "sandbox resources updated", ri)
+	logResources(ctx, "sandbox resources updated", ri, nil)
 	return nil
 }

@@ -3,15 +3,8 @@ package sandboxer
 import (
 	"encoding/json"
 	"fmt"
-	"hash/maphash"
-	"os"
 	"path/filepath"
-	"reflect"
-	"runtime"
-	"slices"
-	"sync"
 	"time"
-	"weak"
 
 	"github.com/containerd/containerd/v2/pkg/identifiers"
 	"github.com/containerd/errdefs"
@@ -139,6 +132,12 @@ type ExecRecord struct {
 
 // ResourceInfo recomputes the effective resources from the state.
 func (s *State) ResourceInfo() resourceinfo.ResourceInfo {
+	if len(s.Containers) == 0 {
+		// A function of the spec alone: computed once per shared spec.
+		if e := sharedSpec(s.Spec); e != nil {
+			return e.resources()
+		}
+	}
 	var cs map[string]resourceinfo.Resources
 	if len(s.Containers) > 0 {
 		cs = make(map[string]resourceinfo.Resources, len(s.Containers))
@@ -153,102 +152,6 @@ func (s *State) ResourceInfo() resourceinfo.ResourceInfo {
 	ri := resourceinfo.Compute(spec, cs)
 	ri.Sources = internSources(ri.Sources)
 	return ri
-}
-
-// sharedSpecs shares the specs of sandboxes whose pod-level resources are the
-// same (the replicas of a workload), weakly: a spec no sandbox holds any
-// more is dropped. A spec is 3 Resources of mostly nil pointers, a fifth
-// of a pod's memory.
-var sharedSpecs struct {
-	mu   sync.Mutex
-	seed maphash.Seed
-	m    map[uint64][]weak.Pointer[resourceinfo.Spec]
-}
-
-func init() { sharedSpecs.seed = maphash.MakeSeed() }
-
-// internSpec returns a spec equal to sp, shared if another sandbox has
-// one; sp must not be changed afterwards.
-func internSpec(sp *resourceinfo.Spec) *resourceinfo.Spec {
-	if sp == nil {
-		return nil
-	}
-	data, err := json.Marshal(sp)
-	if err != nil {
-		return sp
-	}
-	key := maphash.Bytes(sharedSpecs.seed, data)
-	sharedSpecs.mu.Lock()
-	defer sharedSpecs.mu.Unlock()
-	for _, w := range sharedSpecs.m[key] {
-		if p := w.Value(); p != nil && reflect.DeepEqual(p, sp) {
-			return p
-		}
-	}
-	if sharedSpecs.m == nil {
-		sharedSpecs.m = map[uint64][]weak.Pointer[resourceinfo.Spec]{}
-	}
-	sharedSpecs.m[key] = append(sharedSpecs.m[key], weak.Make(sp))
-	runtime.AddCleanup(sp, dropSpec, key)
-	return sp
-}
-
-// dropSpec forgets the collected specs of key.
-func dropSpec(key uint64) {
-	sharedSpecs.mu.Lock()
-	defer sharedSpecs.mu.Unlock()
-	live := sharedSpecs.m[key][:0]
-	for _, w := range sharedSpecs.m[key] {
-		if w.Value() != nil {
-			live = append(live, w)
-		}
-	}
-	if len(live) == 0 {
-		delete(sharedSpecs.m, key)
-	} else {
-		sharedSpecs.m[key] = live
-	}
-}
-
-// sources shares the Sources maps of resources with the same content:
-// most pods' values come from the same sources, and a map per pod was a
-// tenth of a pod's memory. A shared map is never modified: it belongs to
-// snapshots, which are immutable.
-var sources struct {
-	mu sync.Mutex
-	m  map[string]map[string]resourceinfo.Source
-}
-
-// maxSources bounds the distinct maps kept for sharing.
-const maxSources = 4096
-
-func internSources(m map[string]resourceinfo.Source) map[string]resourceinfo.Source {
-	if len(m) == 0 {
-		return m
-	}
-	keys := make([]string, 0, len(m))
-	n := 0
-	for k, v := range m {
-		keys = append(keys, k)
-		n += len(k) + len(v) + 2
-	}
-	slices.Sort(keys)
-	b := make([]byte, 0, n)
-	for _, k := range keys {
-		b = append(append(append(append(b, k...), '='), m[k]...), ';')
-	}
-	sources.mu.Lock()
-	defer sources.mu.Unlock()
-	if shared, ok := sources.m[string(b)]; ok {
-		return shared
-	}
-	if sources.m == nil {
-		sources.m = map[string]map[string]resourceinfo.Source{}
-	}
-	if len(sources.m) < maxSources {
-		sources.m[string(b)] = m
-	}
-	return m
 }
 
 // clone copies a state for a change: the copy's maps of containers, its
@@ -309,11 +212,25 @@ func ValidateID(kind, id string) error {
 // its null members (most of the Resources' fields are null), which halves
 // a record.
 func encodeState(s *State) ([]byte, error) {
+	var spec []byte
+	if e := sharedSpec(s.Spec); e != nil {
+		spec = e.encoded
+	}
+	if spec != nil {
+		// The shared spec's encoding, put in after the rest.
+		c := *s
+		c.Spec = nil
+		s = &c
+	}
 	data, err := json.Marshal(s)
 	if err != nil {
 		return nil, fmt.Errorf("encode state of %s: %w", s.ID, err)
 	}
-	return stripNulls(data), nil
+	data = stripNulls(data)
+	if spec != nil {
+		data = append(append(append(data[:len(data)-1], `,"spec":`...), spec...), '}')
+	}
+	return data, nil
 }
 
 // stripNulls removes the members whose value is null from compact JSON
@@ -372,6 +289,11 @@ func decodeState(data []byte, id string) (*State, error) {
 // encodeInfo is resource_info.json of a state whose effective resources
 // are ri.
 func encodeInfo(s *State, ri resourceinfo.ResourceInfo) ([]byte, error) {
+	if len(s.Containers) == 0 {
+		if e := sharedSpec(s.Spec); e != nil {
+			return e.info(s.ResourcesUpdatedAt)
+		}
+	}
 	ri.UpdatedAt = s.ResourcesUpdatedAt
 	return statefile.EncodeJSON(ri)
 }
@@ -403,16 +325,4 @@ func ReadResourceInfo(dir string) (resourceinfo.ResourceInfo, error) {
 	var info resourceinfo.ResourceInfo
 	err := statefile.ReadJSON(filepath.Join(dir, ResourceInfoFile), &info)
 	return info, err
-}
-
-// mkdirSandbox creates a sandbox directory; Create syncs its parent once
-// the sandbox is committed.
-func mkdirSandbox(dir string) error {
-	if err := os.Mkdir(dir, 0o700); err != nil {
-		if os.IsExist(err) {
-			return fmt.Errorf("sandbox directory %s exists: %w", dir, errdefs.ErrAlreadyExists)
-		}
-		return err
-	}
-	return nil
 }

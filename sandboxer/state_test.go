@@ -61,7 +61,18 @@ func fullState() *State {
 // TestEncodeStateRoundTrip: a journal record decodes to the state it was
 // made of, though it has none of the null members.
 func TestEncodeStateRoundTrip(t *testing.T) {
-	st := fullState()
+	for _, shared := range []bool{false, true} {
+		st := fullState()
+		if shared {
+			// A shared spec's encoding is cached and put in last.
+			st.Spec = internSpec(st.Spec)
+			require.NotNil(t, sharedSpec(st.Spec))
+		}
+		testEncodeState(t, st)
+	}
+}
+
+func testEncodeState(t *testing.T, st *State) {
 	data, err := encodeState(st)
 	require.NoError(t, err)
 	var tree any
@@ -180,4 +191,25 @@ func TestInternSpec(t *testing.T) {
 	c := internSpec(&resourceinfo.Spec{Annotations: resourceinfo.Resources{CPULimit: &other}})
 	assert.NotSame(t, a, c)
 	assert.Equal(t, 2.0, *c.Annotations.CPULimit)
+}
+
+// TestSharedSpecDerived: what is derived once per shared spec is what is
+// computed for each sandbox.
+func TestSharedSpecDerived(t *testing.T) {
+	cpu, mem := 1.5, int64(1<<30)
+	st := &State{ID: "sb", Spec: internSpec(&resourceinfo.Spec{
+		Annotations: resourceinfo.Resources{CPULimit: &cpu},
+		Linux:       resourceinfo.Resources{MemoryLimit: &mem, Unified: map[string]string{"memory.high": "max"}},
+	}), ResourcesUpdatedAt: time.Date(2026, 3, 4, 5, 6, 7, 8, time.UTC)}
+	require.NotNil(t, sharedSpec(st.Spec))
+	want := resourceinfo.Compute(*st.Spec, nil)
+	got := st.ResourceInfo()
+	want.UpdatedAt, got.UpdatedAt = time.Time{}, time.Time{}
+	assert.Equal(t, want, got)
+	fast, err := encodeInfo(st, got)
+	require.NoError(t, err)
+	want.UpdatedAt = st.ResourcesUpdatedAt
+	slow, err := json.MarshalIndent(want, "", "  ")
+	require.NoError(t, err)
+	assert.Equal(t, string(slow)+"\n", string(fast))
 }

@@ -37,6 +37,8 @@ func upstream(t *testing.T, root, sock string) (c *Controller, stop func()) {
 		defer cancel()
 		ts.Stop(sctx)
 		tasks.Close()
+		// The daemon's process ends: its journal with it.
+		c.abandon()
 	}
 }
 
