@@ -163,7 +163,8 @@ func (s *Service) RunPodSandbox(ctx context.Context, req *runtime.RunPodSandboxR
 		return nil, toGRPC(ctx, "RunPodSandbox", err)
 	}
 	created = true
-	log.G(ctx).WithField("name", key.String()).Info("pod sandbox running (direct CRI)")
+	// The controller logged its create and start.
+	log.G(ctx).WithField("name", key.String()).Debug("pod sandbox running (direct CRI)")
 	return &runtime.RunPodSandboxResponse{PodSandboxId: id}, nil
 }
 

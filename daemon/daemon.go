@@ -112,7 +112,7 @@ func Run(ctx context.Context, cfg config.Config, ready func()) error {
 
 	// Stream workers: each call would else start on a goroutine of its
 	// own and grow its stack (6% of the daemon's CPU in a pod cycle).
-	srv := grpc.NewServer(append(ops.grpcOptions(), grpc.NumStreamWorkers(uint32(4*runtime.GOMAXPROCS(0))))...)
+	srv := grpc.NewServer(append(ops.grpcOptions(), grpc.NumStreamWorkers(uint32(16*runtime.GOMAXPROCS(0))))...)
 	sandboxer.NewService(ctrl).Register(srv)
 	criService.Register(srv)
 	errc := make(chan error, 2)

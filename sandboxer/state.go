@@ -210,27 +210,37 @@ func ValidateID(kind, id string) error {
 
 // encodeState is a state as the journal records it: compact JSON without
 // its null members (most of the Resources' fields are null), which halves
-// a record.
+// a record. The config (compact JSON already) and a shared spec (whose
+// encoding is kept) are put in after the rest, as they are: encoding/json
+// would scan the one and reflect over the 66 fields of the other again.
 func encodeState(s *State) ([]byte, error) {
 	var spec []byte
 	if e := sharedSpec(s.Spec); e != nil {
 		spec = e.encoded
 	}
+	cfg := s.Config
+	c := *s
+	c.Config = nil
 	if spec != nil {
-		// The shared spec's encoding, put in after the rest.
-		c := *s
 		c.Spec = nil
-		s = &c
 	}
-	data, err := json.Marshal(s)
+	data, err := json.Marshal(&c)
 	if err != nil {
 		return nil, fmt.Errorf("encode state of %s: %w", s.ID, err)
 	}
 	data = stripNulls(data)
-	if spec != nil {
-		data = append(append(append(data[:len(data)-1], `,"spec":`...), spec...), '}')
+	if len(cfg) == 0 && spec == nil {
+		return data, nil
 	}
-	return data, nil
+	out := make([]byte, 0, len(data)+len(cfg)+len(spec)+20)
+	out = append(out, data[:len(data)-1]...)
+	if len(cfg) > 0 {
+		out = append(append(out, `,"config":`...), cfg...)
+	}
+	if spec != nil {
+		out = append(append(out, `,"spec":`...), spec...)
+	}
+	return append(out, '}'), nil
 }
 
 // stripNulls removes the members whose value is null from compact JSON
