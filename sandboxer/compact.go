@@ -104,19 +104,25 @@ func (c *Controller) compactOne(id string) error {
 		// appended its record yet.
 		return nil
 	}
-	data, err := statefile.EncodeJSON(snap.state)
+	// As the journal records it: compact, which recovery reads fastest;
+	// overwritten in place (its blocks reused): a crash that tears it
+	// leaves the records the journal still holds, which recovery prefers.
+	data, err := encodeState(snap.state)
 	if err != nil {
 		return err
 	}
-	file := statefile.File{Name: StateFile, Data: data}
-	err = statefile.WriteFiles(c.Dir(sb.id), false, file)
+	data = append(data, '\n')
+	dir := c.Dir(sb.id)
+	err = statefile.Overwrite(dir, StateFile, data)
 	if errors.Is(err, fs.ErrNotExist) {
 		// Its directory was removed behind the daemon's back: rebuilt.
 		log.L.WithField("sandbox", sb.id).Warn("rebuilding a sandbox directory that was removed")
 		var info []byte
 		if info, err = encodeInfo(snap.state, snap.info); err == nil {
-			if err = os.Mkdir(c.Dir(sb.id), 0o700); err == nil {
-				err = statefile.WriteFiles(c.Dir(sb.id), false, statefile.File{Name: ResourceInfoFile, Data: info, Derived: true}, file)
+			if err = os.Mkdir(dir, 0o700); err == nil {
+				if err = statefile.Replace(dir, ResourceInfoFile, info); err == nil {
+					err = statefile.Replace(dir, StateFile, data)
+				}
 			}
 		}
 	}
@@ -126,10 +132,21 @@ func (c *Controller) compactOne(id string) error {
 	return nil
 }
 
+// compactDelay is how long after recovery the first compaction waits.
+var compactDelay = 10 * time.Second
+
 // runCompactor compacts the journal when a segment fills up, every
 // CompactInterval, and again after a failure (a full disk), until ctx
 // ends.
 func (c *Controller) runCompactor(ctx context.Context) {
+	// Not at once: after a crash the journal holds the changes of every
+	// sandbox since the last compaction, and compacting them competes
+	// with the first calls of a daemon that just started.
+	select {
+	case <-ctx.Done():
+		return
+	case <-time.After(compactDelay):
+	}
 	tick := time.NewTicker(c.opts.CompactInterval)
 	defer tick.Stop()
 	var retry <-chan time.Time

@@ -15,6 +15,8 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/statefile"
 )
 
 // PoolPrefix starts the names, in the state directory, of the sandbox
@@ -196,8 +198,18 @@ func (p *dirPool) recycle(d string) {
 	}
 	kept := false
 	for _, e := range entries {
-		if e.Name() == ResourceInfoFile && e.Type().IsRegular() {
+		switch {
+		case e.Name() == ResourceInfoFile && e.Type().IsRegular():
 			kept = true
+			continue
+		case e.Name() == StateFile && e.Type().IsRegular():
+			// Kept under its temp name, whose file the next sandbox's
+			// first state.json is written to (statefile.WriteTemp):
+			// its blocks are reused. Never read: recovery removes it.
+			if os.Rename(filepath.Join(d, e.Name()), filepath.Join(d, statefile.TempName(StateFile))) == nil {
+				continue
+			}
+		case e.Name() == statefile.TempName(StateFile) && e.Type().IsRegular():
 			continue
 		}
 		if err := os.RemoveAll(filepath.Join(d, e.Name())); err != nil {

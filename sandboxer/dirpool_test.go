@@ -11,6 +11,8 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/statefile"
 )
 
 func inode(t *testing.T, path string) uint64 {
@@ -38,7 +40,9 @@ func TestDirPool(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, `{"first":true}`, string(data))
 	ino := inode(t, filepath.Join(a, ResourceInfoFile))
-	// What the sandbox left: other files, a directory.
+	// What the sandbox left: its state, other files, a directory.
+	require.NoError(t, os.WriteFile(filepath.Join(a, StateFile), []byte("{}"), 0o600))
+	stateIno := inode(t, filepath.Join(a, StateFile))
 	require.NoError(t, os.WriteFile(filepath.Join(a, UsageFile), []byte("{}"), 0o600))
 	require.NoError(t, os.MkdirAll(filepath.Join(a, "disk", "x"), 0o700))
 
@@ -62,7 +66,13 @@ func TestDirPool(t *testing.T) {
 	assert.Equal(t, ino, inode(t, filepath.Join(b, ResourceInfoFile)), "the file is reused")
 	entries, err := os.ReadDir(b)
 	require.NoError(t, err)
-	assert.Len(t, entries, 1, "what the removed sandbox left is gone")
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	assert.ElementsMatch(t, []string{ResourceInfoFile, statefile.TempName(StateFile)}, names, "what the removed sandbox left is gone")
+	assert.Equal(t, stateIno, inode(t, filepath.Join(b, statefile.TempName(StateFile))), "its state.json's file is kept for the next")
+	require.NoError(t, os.Remove(filepath.Join(b, statefile.TempName(StateFile))))
 
 	// A directory in the way.
 	require.NoError(t, os.WriteFile(filepath.Join(b, UsageFile), nil, 0o600))

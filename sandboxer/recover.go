@@ -52,6 +52,7 @@ type RecoverReport struct {
 // in the background), quarantines what cannot be read and collects created
 // sandboxes older than the grace time. Sandboxes load in parallel.
 func (c *Controller) Recover(ctx context.Context) (RecoverReport, error) {
+	start := time.Now()
 	var rep RecoverReport
 	replay := c.replay
 	c.replay = nil
@@ -198,7 +199,7 @@ func (c *Controller) Recover(ctx context.Context) (RecoverReport, error) {
 	log.G(ctx).WithFields(log.Fields{
 		"loaded": rep.Loaded, "ready": rep.Ready, "exited": len(rep.Exited), "unknown": len(rep.Unknown),
 		"quarantined": len(rep.Quarantined), "collected": len(rep.Collected),
-		"journal_records": len(replay.Records),
+		"journal_records": len(replay.Records), "duration": time.Since(start),
 	}).Info("sandboxes recovered")
 	return rep, nil
 }
@@ -224,10 +225,10 @@ func (c *Controller) recoverOne(ctx context.Context, it recoverItem) (recoverRes
 	defer cancel()
 	id, dir := it.id, c.Dir(it.id)
 	if it.dir {
-		if removed, err := statefile.RemoveTemp(dir); err != nil {
+		// The temp files of writes a crash cut short: their names are
+		// fixed (statefile.WriteTemp), no listing is needed.
+		if err := statefile.RemoveTempOf(dir, ResourceInfoFile, StateFile, UsageFile); err != nil {
 			return recoverResult{}, err
-		} else if len(removed) > 0 {
-			log.G(ctx).WithField("files", removed).Debug("removed temp files of an interrupted write")
 		}
 	}
 	var st *State
@@ -285,9 +286,9 @@ func (c *Controller) recoverOne(ctx context.Context, it recoverItem) (recoverRes
 	if err != nil {
 		return recoverResult{}, err
 	}
-	if have, err := os.ReadFile(filepath.Join(dir, ResourceInfoFile)); err != nil || !bytes.Equal(have, want) {
+	if have, err := statefile.ReadSmall(filepath.Join(dir, ResourceInfoFile), nil); err != nil || !bytes.Equal(have, want) {
 		log.G(ctx).Warn("rewriting resource_info.json from the sandbox state")
-		if err := statefile.WriteFiles(dir, false, statefile.File{Name: ResourceInfoFile, Data: want, Derived: true}); err != nil {
+		if err := statefile.Replace(dir, ResourceInfoFile, want); err != nil {
 			return recoverResult{}, err
 		}
 	}

@@ -126,7 +126,7 @@ func TestRecoverRepairs(t *testing.T) {
 	write(filepath.Join(root, "emptycreated", StateFile), "")
 	// What a crash leaves: temp files, a half-removed sandbox of an older
 	// version, a sandbox whose Create never reached its commit point.
-	write(filepath.Join(root, "good", ".tmp-state.json-123"), "partial")
+	write(filepath.Join(root, "good", ".tmp-state.json"), "partial")
 	require.NoError(t, os.MkdirAll(filepath.Join(root, trashPrefix+"42", "sandbox"), 0o700))
 	require.NoError(t, os.Mkdir(filepath.Join(root, "uncommitted"), 0o700))
 	write(filepath.Join(root, "uncommitted", ResourceInfoFile), "{}")
@@ -150,7 +150,7 @@ func TestRecoverRepairs(t *testing.T) {
 	q, err := os.ReadDir(filepath.Join(root, QuarantineDir))
 	require.NoError(t, err)
 	assert.Len(t, q, 4, "damaged sandboxes are kept for inspection")
-	_, err = os.Stat(filepath.Join(root, "good", ".tmp-state.json-123"))
+	_, err = os.Stat(filepath.Join(root, "good", ".tmp-state.json"))
 	assert.True(t, os.IsNotExist(err), "temp files are removed")
 	for _, name := range sandboxDirs(t, root) {
 		assert.False(t, strings.HasPrefix(name, trashPrefix), "half-removed sandboxes are removed")
@@ -572,4 +572,28 @@ func TestCollectCreated(t *testing.T) {
 	assert.Equal(t, []string{"young"}, c2.CollectCreated(ctx))
 	_, err = c2.Status(ctx, "started", false)
 	assert.NoError(t, err, "started sandboxes are never collected")
+}
+
+// TestRecoverTornStateWithRecord: compaction overwrites state.json in
+// place, so a crash can tear it; the journal still holds the records it
+// was writing, and recovery takes those.
+func TestRecoverTornStateWithRecord(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	c := newController(t, root, slot.New())
+	require.NoError(t, create(ctx, c, "sb", nil))
+	_, err := c.Start(ctx, "sb")
+	require.NoError(t, err)
+	require.NoError(t, c.Compact(ctx))
+	require.NoError(t, c.Stop(ctx, "sb"))
+	// A compaction of the stop, torn by a crash before its sync.
+	path := filepath.Join(root, "sb", StateFile)
+	data, err := os.ReadFile(path)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(path, data[:len(data)/3], 0o600))
+	c2, rep := reopen(t, c, slot.New())
+	assert.Empty(t, rep.Quarantined)
+	v, err := c2.Get("sb")
+	require.NoError(t, err)
+	assert.Equal(t, PhaseStopped, v.State.Phase)
 }

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"hash/maphash"
-	"reflect"
 	"runtime"
 	"slices"
 	"sync"
@@ -127,17 +126,47 @@ func internSpec(sp *resourceinfo.Spec) *resourceinfo.Spec {
 	if err != nil {
 		return sp
 	}
+	data = stripNulls(data)
+	if p := lookupSpec(data); p != nil {
+		return p
+	}
+	return addSpec(sp, data)
+}
+
+// internSpecJSON is internSpec of the spec encoded as raw (a journal
+// record's, or state.json's): a spec already shared is found by its
+// encoding, without decoding it.
+func internSpecJSON(raw []byte) (*resourceinfo.Spec, error) {
+	if p := lookupSpec(raw); p != nil {
+		return p, nil
+	}
+	var sp resourceinfo.Spec
+	if err := decodeStrict(raw, &sp); err != nil {
+		return nil, err
+	}
+	return internSpec(&sp), nil
+}
+
+// lookupSpec finds the shared spec encoded as data.
+func lookupSpec(data []byte) *resourceinfo.Spec {
 	key := maphash.Bytes(sharedSpecs.seed, data)
 	sharedSpecs.mu.RLock()
-	candidates := sharedSpecs.byHash[key]
-	sharedSpecs.mu.RUnlock()
-	for _, w := range candidates {
-		// The hash alone could collide.
-		if p := w.Value(); p != nil && reflect.DeepEqual(p, sp) {
-			return p
+	defer sharedSpecs.mu.RUnlock()
+	for _, w := range sharedSpecs.byHash[key] {
+		// Equal encodings are equal specs; the hash alone could collide.
+		if e := sharedSpecs.entries[w]; e != nil && bytes.Equal(e.encoded, data) {
+			if p := w.Value(); p != nil {
+				return p
+			}
 		}
 	}
-	e := &specEntry{spec: weak.Make(sp), encoded: stripNulls(data)}
+	return nil
+}
+
+// addSpec shares sp, encoded as data.
+func addSpec(sp *resourceinfo.Spec, data []byte) *resourceinfo.Spec {
+	key := maphash.Bytes(sharedSpecs.seed, data)
+	e := &specEntry{spec: weak.Make(sp), encoded: data}
 	sharedSpecs.mu.Lock()
 	defer sharedSpecs.mu.Unlock()
 	if sharedSpecs.byHash == nil {

@@ -1,8 +1,11 @@
 package sandboxer
 
 import (
+	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"path/filepath"
 	"time"
 
@@ -286,14 +289,52 @@ func stripNulls(in []byte) []byte {
 	return out
 }
 
-// decodeState reads a state the journal recorded.
+// decodeState reads a state the journal recorded, or state.json: strictly
+// (unknown fields and trailing data are damage). The spec, which
+// encodeState puts last, is looked up by its encoding among the shared
+// ones before it is decoded: recovering many sandboxes of few specs
+// decodes few specs.
 func decodeState(data []byte, id string) (*State, error) {
+	data = bytes.TrimRight(data, "\n")
 	var s State
-	if err := json.Unmarshal(data, &s); err != nil {
-		return nil, fmt.Errorf("decode journal record: %w", err)
+	if rest, spec, ok := splitSpec(data); ok {
+		if err := decodeStrict(rest, &s); err == nil && s.Spec == nil {
+			if s.Spec, err = internSpecJSON(spec); err == nil {
+				return &s, checkState(&s, id)
+			}
+		}
+		s = State{}
+	}
+	if err := decodeStrict(data, &s); err != nil {
+		return nil, err
 	}
 	s.Spec = internSpec(s.Spec)
 	return &s, checkState(&s, id)
+}
+
+// splitSpec splits off the last member of a JSON object when it is the
+// spec: `{...,"spec":{...}}` is `{...}` and `{...}`. A split that is not
+// the top-level member fails to decode, and the caller decodes it whole.
+func splitSpec(data []byte) (rest, spec []byte, ok bool) {
+	const member = `,"spec":`
+	i := bytes.LastIndex(data, []byte(member))
+	if i < 0 || len(data) < 2 || data[len(data)-1] != '}' {
+		return nil, nil, false
+	}
+	rest = append(append(make([]byte, 0, i+1), data[:i]...), '}')
+	return rest, data[i+len(member) : len(data)-1], true
+}
+
+func decodeStrict(data []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("decode state: %w", err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return errors.New("decode state: trailing data")
+	}
+	return nil
 }
 
 // encodeInfo is resource_info.json of a state whose effective resources
@@ -310,12 +351,16 @@ func encodeInfo(s *State, ri resourceinfo.ResourceInfo) ([]byte, error) {
 
 // loadState reads and checks a sandbox's state.json.
 func loadState(dir, id string) (*State, error) {
-	var s State
-	if err := statefile.ReadJSON(filepath.Join(dir, StateFile), &s); err != nil {
+	path := filepath.Join(dir, StateFile)
+	data, err := statefile.ReadSmall(path, nil)
+	if err != nil {
 		return nil, err
 	}
-	s.Spec = internSpec(s.Spec)
-	return &s, checkState(&s, id)
+	st, err := decodeState(data, id)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return st, nil
 }
 
 func checkState(s *State, id string) error {

@@ -213,3 +213,46 @@ func TestSharedSpecDerived(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, string(slow)+"\n", string(fast))
 }
+
+// TestDecodeStateForms: records and state.json decode whatever their
+// form: the spec shared and last, not shared, a config that mentions
+// "spec", the indented state.json of earlier versions; damage is refused.
+func TestDecodeStateForms(t *testing.T) {
+	st := fullState()
+	st.Config = json.RawMessage(`{"annotations":{"a":"b","spec":"x"},"metadata":{"name":"p"}}`)
+	want, err := json.Marshal(st)
+	require.NoError(t, err)
+	var wantState State
+	require.NoError(t, json.Unmarshal(want, &wantState))
+	shared := *st
+	shared.Spec = internSpec(st.Spec)
+	legacy, err := json.MarshalIndent(st, "", "  ")
+	require.NoError(t, err)
+	for desc, data := range map[string]func() ([]byte, error){
+		"shared spec": func() ([]byte, error) { return encodeState(&shared) },
+		"own spec":    func() ([]byte, error) { return encodeState(st) },
+		"legacy":      func() ([]byte, error) { return append(legacy, '\n'), nil },
+	} {
+		b, err := data()
+		require.NoError(t, err, desc)
+		got, err := decodeState(b, "sb")
+		require.NoError(t, err, desc)
+		// Raw members keep the whitespace they were read with.
+		a, _ := json.Marshal(wantState.Containers)
+		g, _ := json.Marshal(got.Containers)
+		assert.JSONEq(t, string(a), string(g), desc)
+		assert.Equal(t, *wantState.Spec, *got.Spec, desc)
+		assert.JSONEq(t, string(st.Config), string(got.Config), desc)
+	}
+	good, err := encodeState(&shared)
+	require.NoError(t, err)
+	for desc, bad := range map[string][]byte{
+		"trailing data": append(append([]byte{}, good...), `{}`...),
+		"unknown field": append([]byte(`{"bogus":1,`), good[1:]...),
+		"truncated":     good[:len(good)/2],
+		"empty":         nil,
+	} {
+		_, err := decodeState(bad, "sb")
+		assert.Error(t, err, desc)
+	}
+}
