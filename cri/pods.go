@@ -4,7 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	goruntime "runtime"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/sandbox"
@@ -256,27 +259,34 @@ func (s *Service) PodSandboxStatus(ctx context.Context, req *runtime.PodSandboxS
 // listPods returns the pods the filter selects, encoded (list.go).
 func (s *Service) listPods(f *runtime.PodSandboxFilter) *encodedList {
 	states := s.ctrl.States()
-	list := &encodedList{items: make([][]byte, 0, len(states))}
+	selected := states[:0:0]
 	for _, st := range states {
 		if !matchID(f.GetId(), st.ID) {
 			continue
 		}
-		state := podState(st)
-		if f.GetState() != nil && f.GetState().GetState() != state {
+		if f.GetState() != nil && f.GetState().GetState() != podState(st) {
 			continue
 		}
-		wire := s.podItems.get(st.ID, st.CreatedAt, int32(state), func() proto.Message {
-			cfg := decodePodConfig(st)
-			return &runtime.PodSandbox{
-				Id:             st.ID,
-				Metadata:       podMetadata(st.ID, cfg),
-				State:          state,
-				CreatedAt:      st.CreatedAt.UnixNano(),
-				Labels:         cfg.GetLabels(),
-				Annotations:    cfg.GetAnnotations(),
-				RuntimeHandler: RuntimeHandler,
-			}
-		})
+		selected = append(selected, st)
+	}
+	if len(selected) >= parallelEncode {
+		// The first list after a start encodes every pod: on every core.
+		var next atomic.Int64
+		var wg sync.WaitGroup
+		for range goruntime.GOMAXPROCS(0) {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := next.Add(1) - 1; i < int64(len(selected)); i = next.Add(1) - 1 {
+					s.podItem(selected[i])
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	list := &encodedList{items: make([][]byte, 0, len(selected))}
+	for _, st := range selected {
+		wire := s.podItem(st)
 		if sel := f.GetLabelSelector(); len(sel) > 0 && !matchLabels(sel, labelsOf(wire, &runtime.PodSandbox{})) {
 			continue
 		}
@@ -286,6 +296,27 @@ func (s *Service) listPods(f *runtime.PodSandboxFilter) *encodedList {
 		s.prunePods(len(states))
 	}
 	return list
+}
+
+// parallelEncode is how many pods a list must show to encode them on
+// every core.
+var parallelEncode = 1000
+
+// podItem is a pod as lists show it, encoded.
+func (s *Service) podItem(st *sandboxer.State) []byte {
+	state := podState(st)
+	return s.podItems.get(st.ID, st.CreatedAt, int32(state), func() proto.Message {
+		cfg := decodeListed(st)
+		return &runtime.PodSandbox{
+			Id:             st.ID,
+			Metadata:       podMetadata(st.ID, cfg),
+			State:          state,
+			CreatedAt:      st.CreatedAt.UnixNano(),
+			Labels:         cfg.GetLabels(),
+			Annotations:    cfg.GetAnnotations(),
+			RuntimeHandler: RuntimeHandler,
+		}
+	})
 }
 
 // prunePods drops the items of pods removed behind the service's back

@@ -376,6 +376,8 @@ func TestListFollowsChanges(t *testing.T) {
 
 // TestStreamManyPods: more pods than one stream message holds.
 func TestStreamManyPods(t *testing.T) {
+	defer func(n int) { parallelEncode = n }(parallelEncode)
+	parallelEncode = 100 // and the first list encodes them on every core
 	e := newEnv(t)
 	want := map[string]bool{}
 	for i := range streamChunk + 20 {

@@ -34,6 +34,7 @@ const ShimBinary = "containerd-shim-resource-slot-v1"
 // Run serves until ctx ends, then stops gracefully. ready, if not nil, is
 // called once every socket is listening.
 func Run(ctx context.Context, cfg config.Config, ready func()) error {
+	start := time.Now()
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
@@ -130,6 +131,7 @@ func Run(ctx context.Context, cfg config.Config, ready func()) error {
 
 	log.G(ctx).WithFields(log.Fields{
 		"listen": cfg.Listen, "task_socket": cfg.TaskSocketPath(), "dir": cfg.Dir, "mode": backend.Mode(),
+		"startup": time.Since(start),
 	}).Info("resource-slot-sandboxer serving")
 	notify(ctx, "READY=1")
 	go watchdog(collectCtx)

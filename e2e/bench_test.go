@@ -537,19 +537,19 @@ func BenchmarkRecovery(b *testing.B) {
 				}
 				d := time.Since(start)
 				b.ReportMetric(float64(d.Milliseconds()), "ms-to-serving")
-				fmt.Printf("%s: %d pods, from the daemon's start to a ListPodSandbox of all: %.0f ms; %s\n",
-					b.Name(), n, float64(d.Microseconds())/1000, recoveredLine())
+				fmt.Printf("%s: %d pods, from the daemon's start to a ListPodSandbox of all: %.0f ms; %s; %s\n",
+					b.Name(), n, float64(d.Microseconds())/1000, logLine("sandboxes recovered"), logLine("serving"))
 			})
 		}
 	}
 }
 
-// recoveredLine is the daemon's last "sandboxes recovered" log line.
-func recoveredLine() string {
+// logLine is the daemon's last log line that contains s.
+func logLine(s string) string {
 	data, _ := os.ReadFile(h.sbLog)
 	lines := strings.Split(string(data), "\n")
 	for i := len(lines) - 1; i >= 0; i-- {
-		if strings.Contains(lines[i], "sandboxes recovered") {
+		if strings.Contains(lines[i], s) {
 			return strings.TrimSpace(lines[i][strings.Index(lines[i], "msg="):])
 		}
 	}
