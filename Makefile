@@ -4,16 +4,18 @@ BIN      := bin
 PREFIX   ?= /usr/local
 GOTEST   ?= $(GO) test
 
-.PHONY: all build test unit e2e deps vm-deps guest lint fuzz bench demo install clean proto
+.PHONY: all build test unit e2e kubelet deps vm-deps guest lint fuzz bench demo install uninstall install-containerd uninstall-containerd clean proto
 
 all: build
 
 build:
 	$(GO) build -o $(BIN)/ ./cmd/...
 
-# deps installs containerd 2.4.2, ctr, crictl and critest (idempotent).
+# deps installs containerd 2.4.2, ctr, crictl and critest, and kubelet
+# v1.36.3 (idempotent).
 deps:
 	scripts/install-containerd.sh
+	scripts/install-kubelet.sh
 	scripts/install-test-tools.sh
 
 # The vm backend: libvirtd and virtlogd (started without systemd) and the
@@ -56,6 +58,11 @@ unit:
 e2e: build deps
 	RSS_E2E=1 $(GOTEST) -count=1 -v ./e2e/
 
+# kubelet runs kubelet standalone on static pods against the sandboxer
+# (part of e2e and test; root).
+kubelet: build deps
+	RSS_E2E=1 $(GOTEST) -count=1 -v -run 'TestKubelet' ./e2e/
+
 # fuzz runs each fuzz target briefly; crashers land in testdata/fuzz and
 # stay as regression cases.
 # A count, not a duration: go1.26 fails a duration-bounded run with a
@@ -85,6 +92,18 @@ bench: build deps guest
 demo: build
 	scripts/demo.sh
 
+# install puts the binaries in $(PREFIX)/bin, the systemd units, the
+# configuration examples and the RuntimeClasses in place, and adds the
+# proxy plugins and runtime handlers resource-slot and resource-vm to an
+# existing containerd 2.x through a drop-in that its config.toml imports
+# (scripts/containerd-dropin; restart containerd afterwards). Twice is
+# once; uninstall undoes it, config.toml included. DESTDIR stages it all.
+CONTAINERD_CONFIG ?= /etc/containerd/config.toml
+CONTAINERD_DROPIN ?= /etc/containerd/conf.d/resource-slot.toml
+SLOT_SOCKET       ?= /run/resource-slot-sandboxer.sock
+VM_SOCKET         ?= /run/resource-vm-sandboxer.sock
+DROPIN_FLAGS = --root "$(DESTDIR)" --config "$(CONTAINERD_CONFIG)" --dropin "$(CONTAINERD_DROPIN)"
+
 install: build
 	install -d $(DESTDIR)$(PREFIX)/bin
 	install -m 0755 $(BIN)/resource-slot-sandboxer $(BIN)/containerd-shim-resource-slot-v1 $(BIN)/slotctl $(DESTDIR)$(PREFIX)/bin/
@@ -101,6 +120,28 @@ install: build
 	  install -m 0600 config/resource-slot.toml $(DESTDIR)/etc/kuasar-resource-slot/config.toml
 	install -d $(DESTDIR)/etc/kuasar-resource-slot/k8s
 	install -m 0644 runtime-class.yaml $(DESTDIR)/etc/kuasar-resource-slot/k8s/
+	$(MAKE) install-containerd
+
+# install-containerd is install's containerd part alone.
+install-containerd:
+	$(GO) run ./scripts/containerd-dropin install $(DROPIN_FLAGS) \
+	  --slot-socket "$(SLOT_SOCKET)" --vm-socket "$(VM_SOCKET)" --shim "$(PREFIX)/bin/containerd-shim-resource-slot-v1"
+
+uninstall-containerd:
+	$(GO) run ./scripts/containerd-dropin uninstall $(DROPIN_FLAGS)
+
+# uninstall removes what install added; a daemon configuration that
+# differs from the shipped one is the operator's and stays.
+uninstall: uninstall-containerd
+	rm -f $(DESTDIR)$(PREFIX)/bin/resource-slot-sandboxer $(DESTDIR)$(PREFIX)/bin/containerd-shim-resource-slot-v1 \
+	  $(DESTDIR)$(PREFIX)/bin/slotctl
+	rm -f $(DESTDIR)/etc/systemd/system/kuasar-resource-slot.service $(DESTDIR)/etc/systemd/system/kuasar-resource-vm.service
+	for d in kuasar-resource-slot kuasar-resource-vm; do \
+	  rm -f $(DESTDIR)/etc/$$d/config.toml.example; \
+	  ! cmp -s config/resource-slot.toml $(DESTDIR)/etc/$$d/config.toml || rm -f $(DESTDIR)/etc/$$d/config.toml; \
+	done
+	rm -f $(DESTDIR)/etc/kuasar-resource-slot/k8s/runtime-class.yaml
+	-rmdir $(DESTDIR)/etc/kuasar-resource-slot/k8s $(DESTDIR)/etc/kuasar-resource-slot $(DESTDIR)/etc/kuasar-resource-vm 2>/dev/null
 
 clean:
 	rm -rf $(BIN)

@@ -148,6 +148,7 @@ func (s *Service) CreateContainer(ctx context.Context, req *runtime.CreateContai
 	if err != nil {
 		return nil, toGRPC(ctx, "CreateContainer", err)
 	}
+	res.Name = md.GetName()
 	var logPath string
 	if dir := decodePodConfig(v.State).GetLogDirectory(); dir != "" && cfg.GetLogPath() != "" {
 		logPath = filepath.Join(dir, cfg.GetLogPath())

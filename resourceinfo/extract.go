@@ -37,6 +37,10 @@ const (
 // maxShownValue bounds how much of a hostile value an error message repeats.
 const maxShownValue = 64
 
+// maxNameLen bounds the container names recorded: Kubernetes' are DNS
+// labels of at most 63 characters.
+const maxNameLen = 253
+
 // maxQuantityLen bounds the values parsed as quantities: none that anybody
 // means is longer, and parsing a long one costs quadratic time.
 const maxQuantityLen = 64
@@ -66,6 +70,7 @@ func FromPodSandboxConfig(cfg *runtime.PodSandboxConfig) (Spec, error) {
 	if spec.Overhead, err = FromLinuxResources("linux.overhead", cfg.GetLinux().GetOverhead()); err != nil {
 		return Spec{}, err
 	}
+	spec.QOSClass = QOSFromCgroupParent(cfg.GetLinux().GetCgroupParent())
 	return spec, nil
 }
 
@@ -148,10 +153,17 @@ func FromLinuxResources(where string, l *runtime.LinuxContainerResources) (Resou
 	return r, nil
 }
 
-// FromOCISpec reads a container's resources from its OCI runtime spec.
+// FromOCISpec reads a container's resources, and its name, from its OCI
+// runtime spec.
 func FromOCISpec(s *specs.Spec) (Resources, error) {
 	var r Resources
-	if s == nil || s.Linux == nil || s.Linux.Resources == nil {
+	if s == nil {
+		return r, nil
+	}
+	if n := s.Annotations[AnnotationContainerName]; len(n) <= maxNameLen {
+		r.Name = n
+	}
+	if s.Linux == nil || s.Linux.Resources == nil {
 		return r, nil
 	}
 	lr := s.Linux.Resources
@@ -248,9 +260,13 @@ func setCFS(r *Resources, where string, quota, period int64) error {
 	return nil
 }
 
+// setShares records cpu.shares and the request they stand for: none for
+// MinShares and below (kubelet's MilliCPUToShares(0)).
 func setShares(r *Resources, shares uint64) {
 	r.CPUShares = ptr(shares)
-	r.CPURequest = ptr(SharesToCores(shares))
+	if shares > MinShares {
+		r.CPURequest = ptr(SharesToCores(shares))
+	}
 }
 
 // setSwap records a memory+swap limit: 0 is unset, -1 unlimited.

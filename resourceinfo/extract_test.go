@@ -526,7 +526,7 @@ func TestFromLinuxResources(t *testing.T) {
 		{
 			desc: "minimum shares is no request",
 			in:   &runtime.LinuxContainerResources{CpuShares: 2},
-			want: Resources{CPURequest: ptr(0.0), CPUShares: ptr(uint64(2))},
+			want: Resources{CPUShares: ptr(uint64(2))},
 		},
 		{
 			desc: "shares 102 is 100m",
@@ -918,6 +918,7 @@ func TestFromPodSandboxConfig(t *testing.T) {
 			desc: "full",
 			cfg:  full(),
 			want: Spec{
+				QOSClass: QOSBurstable,
 				Annotations: Resources{
 					CPULimit:          ptr(2.0),
 					MemoryLimit:       ptr(int64(1 << 30)),

@@ -149,13 +149,16 @@ func TestComputePrecedence(t *testing.T) {
 			wantSources: map[string]Source{"cpu_limit": SourceContainers},
 		},
 		{
-			desc: "overhead not added to linux values",
+			// kubelet sends linux.resources without the overhead and the
+			// overhead apart (calculateSandboxResources, ExcludeOverhead);
+			// the pod cgroup has both (ResourceConfigForPod).
+			desc: "overhead added to linux values",
 			spec: Spec{
 				Linux:    Resources{MemoryLimit: ptr(int64(1 << 30)), MemoryRequest: ptr(int64(1 << 29))},
 				Overhead: Resources{MemoryLimit: ptr(int64(128 << 20)), MemoryRequest: ptr(int64(128 << 20))},
 			},
 			containers:  map[string]Resources{"a": {MemoryLimit: ptr(int64(1))}},
-			want:        Resources{MemoryLimit: ptr(int64(1 << 30)), MemoryRequest: ptr(int64(1 << 29))},
+			want:        Resources{MemoryLimit: ptr(int64(1<<30 + 128<<20)), MemoryRequest: ptr(int64(1<<29 + 128<<20))},
 			wantSources: map[string]Source{"memory_limit": SourceLinux, "memory_request": SourceLinux},
 		},
 		{
@@ -328,8 +331,11 @@ func resourceKeys(t *testing.T) []string {
 	var keys []string
 	rt := reflect.TypeFor[Resources]()
 	for i := range rt.NumField() {
-		name, _, _ := strings.Cut(rt.Field(i).Tag.Get("json"), ",")
+		name, opts, _ := strings.Cut(rt.Field(i).Tag.Get("json"), ",")
 		require.NotEmpty(t, name, "field %s has no json name", rt.Field(i).Name)
+		if opts == "omitempty" {
+			continue // a container's name
+		}
 		keys = append(keys, name)
 	}
 	require.Len(t, keys, 21)
@@ -604,7 +610,9 @@ func TestSharesToCores(t *testing.T) {
 		{512, 0.5},
 		{1024, 1},
 		{MaxShares, 256},
-		{math.MaxUint64, math.Ceil(float64(math.MaxUint64)*1000/SharesPerCPU) / 1000},
+		// The kernel caps cpu.shares at MaxShares.
+		{MaxShares + 1, 256},
+		{math.MaxUint64, 256},
 	} {
 		t.Run(fmt.Sprint(tc.shares), func(t *testing.T) {
 			assert.Equal(t, tc.want, SharesToCores(tc.shares))
@@ -654,9 +662,12 @@ func TestQuotaConversions(t *testing.T) {
 		{desc: "one core", quota: 100000, period: 100000, cores: 1},
 		{desc: "half a core on a short period", quota: 25000, period: 50000, cores: 0.5},
 		{desc: "rounded to millicores", quota: 33333, period: 100000, cores: 0.333},
-		{desc: "below a millicore rounds up", quota: 60, period: 100000, cores: 0.001},
-		{desc: "below half a millicore rounds down", quota: 40, period: 100000, cores: 0},
-		{desc: "largest quota", quota: math.MaxInt64, period: 1, cores: math.MaxInt64},
+		// kubelet's QuotaToMilliCPU truncates.
+		{desc: "below a millicore truncates", quota: 60, period: 100000, cores: 0},
+		{desc: "just below a millicore", quota: 199, period: 100000, cores: 0.001},
+		{desc: "unlimited", quota: -1, period: 100000, cores: 0},
+		{desc: "no period", quota: 1000, period: 0, cores: 0},
+		{desc: "largest quota saturates in millicores", quota: math.MaxInt64, period: 1, cores: math.MaxInt64 / 1000},
 	} {
 		t.Run(tc.desc, func(t *testing.T) {
 			assert.Equal(t, tc.cores, QuotaToCores(tc.quota, tc.period))
@@ -687,6 +698,9 @@ func TestIsZero(t *testing.T) {
 	rt := reflect.TypeFor[Resources]()
 	for i := range rt.NumField() {
 		f := rt.Field(i)
+		if f.Name == "Name" {
+			continue // a container's name is no resource
+		}
 		t.Run(f.Name, func(t *testing.T) {
 			var r Resources
 			v := reflect.ValueOf(&r).Elem().Field(i)

@@ -380,9 +380,10 @@ func (c *Controller) resourcesOf(old *snapshot, st *State) (resourceinfo.Resourc
 }
 
 // sameResourceInputs reports whether st has the resource inputs of old by
-// identity: the same spec and the same values (pointers, maps) in the
+// identity: the same spec, the same values (pointers, maps) in the
 // containers' resources, which a clone shares and a change replaces
-// (State.clone). A false negative only costs a recomputation.
+// (State.clone), and the same exits. A false negative only costs a
+// recomputation.
 func sameResourceInputs(old, st *State) bool {
 	if old.Spec != st.Spec || len(old.Containers) != len(st.Containers) {
 		return false
@@ -390,6 +391,12 @@ func sameResourceInputs(old, st *State) bool {
 	for id, ctr := range st.Containers {
 		o, ok := old.Containers[id]
 		if !ok || !sameResources(&o.Resources, &ctr.Resources) {
+			return false
+		}
+		// An exit goes into the pod's history (State.ResourceInfo).
+		oe, os := exitOf(o)
+		ne, ns := exitOf(ctr)
+		if oe != ne || os != ns {
 			return false
 		}
 	}

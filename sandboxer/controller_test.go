@@ -373,7 +373,8 @@ func TestUpdatedResourcesExtension(t *testing.T) {
 	require.NoError(t, err)
 	m := readInfo(t, root, "sb")
 	assert.Equal(t, 2.5, m["cpu_limit"])
-	assert.Equal(t, float64(3<<30), m["memory_limit"])
+	// The pod cgroup holds the overhead on top (ResourceConfigForPod).
+	assert.Equal(t, float64(3<<30+64<<20), m["memory_limit"])
 	assert.Equal(t, float64(64<<20), m["overhead"].(map[string]any)["memory_limit"])
 
 	bad, err := typeurl.MarshalAny(&updatedResources{Resources: &runtime.LinuxContainerResources{CpuQuota: 5}})

@@ -119,8 +119,10 @@ func sharedSpec(sp *resourceinfo.Spec) *specEntry {
 // internSpec returns a spec equal to sp, shared if another sandbox has
 // one; sp must not be changed afterwards.
 func internSpec(sp *resourceinfo.Spec) *resourceinfo.Spec {
-	if sp == nil {
-		return nil
+	if sp == nil || len(sp.Pod.Containers) > 0 {
+		// A history names the pod's own containers: never shared, and
+		// its encoding is not worth keeping.
+		return sp
 	}
 	data, err := json.Marshal(sp)
 	if err != nil {

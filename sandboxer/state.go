@@ -133,28 +133,51 @@ type ExecRecord struct {
 	ExitedAt   *time.Time      `json:"exited_at"`
 }
 
-// ResourceInfo recomputes the effective resources from the state.
+// ResourceInfo recomputes the effective resources from the state. It first
+// records the containers present now in the pod's container history
+// (s.Spec.Pod), which kubelet's rules need once a container is gone (init
+// containers). Call it on a state no reader shares yet (change and commit
+// do, on their copy; so does recovery): the record is idempotent and
+// replaces s.Spec, which may be shared with other sandboxes and is never
+// changed in place, only when the history changed.
 func (s *State) ResourceInfo() resourceinfo.ResourceInfo {
-	if len(s.Containers) == 0 {
+	if len(s.Containers) == 0 && (s.Spec == nil || len(s.Spec.Pod.Containers) == 0) {
 		// A function of the spec alone: computed once per shared spec.
 		if e := sharedSpec(s.Spec); e != nil {
 			return e.resources()
 		}
 	}
 	var cs map[string]resourceinfo.Resources
+	obs := make(map[string]resourceinfo.Observed, len(s.Containers))
 	if len(s.Containers) > 0 {
 		cs = make(map[string]resourceinfo.Resources, len(s.Containers))
 		for id, c := range s.Containers {
 			cs[id] = c.Resources
+			o := resourceinfo.Observed{Resources: c.Resources}
+			o.Exited, o.ExitStatus = exitOf(c)
+			obs[id] = o
 		}
 	}
 	var spec resourceinfo.Spec
 	if s.Spec != nil {
 		spec = *s.Spec
 	}
+	if pod, changed := spec.Pod.Observe(obs); changed {
+		spec.Pod = pod
+		s.Spec = internSpec(&spec)
+	}
 	ri := resourceinfo.Compute(spec, cs)
 	ri.Sources = internSources(ri.Sources)
 	return ri
+}
+
+// exitOf is whether a container's process has exited, and its status:
+// what of its task the pod's history records.
+func exitOf(c *Container) (bool, uint32) {
+	if c.Task != nil && c.Task.Status == TaskStopped {
+		return true, c.Task.ExitStatus
+	}
+	return false, 0
 }
 
 // clone copies a state for a change: the copy's maps of containers, its

@@ -1,6 +1,7 @@
 package sandboxer
 
 import (
+	"context"
 	"encoding/json"
 	"reflect"
 	"testing"
@@ -10,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
+	"github.com/kuasar-io/resource-slot-sandboxer/slot"
 )
 
 func TestStripNulls(t *testing.T) {
@@ -175,8 +177,10 @@ func TestSameResourceInputs(t *testing.T) {
 		assert.False(t, sameResourceInputs(st, c), desc)
 	}
 	c := st.clone()
-	c.Phase, c.Containers["c1"].Task.Status = PhaseStopped, TaskStopped
+	c.Phase, c.Containers["c1"].Task.Status = PhaseStopped, TaskPaused
 	assert.True(t, sameResourceInputs(st, c), "a status is not a resource input")
+	c.Containers["c1"].Task.Status = TaskStopped
+	assert.False(t, sameResourceInputs(st, c), "an exit is: it goes into the pod's history")
 }
 
 // TestInternSpec: equal specs are shared, and a spec no sandbox holds is
@@ -255,4 +259,31 @@ func TestDecodeStateForms(t *testing.T) {
 		_, err := decodeState(bad, "sb")
 		assert.Error(t, err, desc)
 	}
+}
+
+// TestExitRecordedInHistory: a container's exit reaches the pod's
+// history (kubelet's init-container rules need it), though it changes no
+// resource value by itself: commit does not skip it.
+func TestExitRecordedInHistory(t *testing.T) {
+	ctx := context.Background()
+	c := newController(t, t.TempDir(), slot.New())
+	require.NoError(t, create(ctx, c, "sb", nil))
+	_, err := c.Start(ctx, "sb")
+	require.NoError(t, err)
+	mem := int64(64 << 20)
+	require.NoError(t, c.change(ctx, "sb", func(st *State) error {
+		st.Containers = map[string]*Container{"c1": {
+			Resources: resourceinfo.Resources{Name: "init", MemoryLimit: &mem},
+			Task:      &TaskRecord{Status: TaskRunning},
+		}}
+		return nil
+	}))
+	require.NoError(t, c.change(ctx, "sb", func(st *State) error {
+		st.Containers["c1"].Task.Status, st.Containers["c1"].Task.ExitStatus = TaskStopped, 0
+		return nil
+	}))
+	v, err := c.Get("sb")
+	require.NoError(t, err)
+	require.Contains(t, v.State.Spec.Pod.Containers, "init")
+	assert.True(t, v.State.Spec.Pod.Containers["init"].Completed, "the exit is in the history")
 }

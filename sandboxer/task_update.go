@@ -66,6 +66,8 @@ func (t *Tasks) SetResources(ctx context.Context, k TaskKey, res resourceinfo.Re
 		if c.Task.Status == TaskStopped {
 			return fmt.Errorf("task %s has exited: %w", k.ID, errdefs.ErrFailedPrecondition)
 		}
+		// An update carries no name: the container keeps its own.
+		res.Name = c.Resources.Name
 		old, c.Resources = c.Resources, res
 		return nil
 	}); err != nil {

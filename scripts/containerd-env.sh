@@ -22,6 +22,9 @@
 #   CTRD_LOG_LEVEL     containerd log level        (info)
 #   CTRD_SNAPSHOTTER   CRI snapshotter             (overlayfs)
 #   CTRD_SANDBOX_IMAGE pinned CRI sandbox image    (registry.k8s.io/pause:3.10)
+#   CTRD_DEFAULT_RUNTIME  CRI default runtime      (runc; resource-slot for a
+#                      kubelet without API server, which cannot resolve
+#                      RuntimeClasses: its pods name no runtime handler)
 #   CTRD_START_TIMEOUT seconds to wait for the socket (30)
 #   CTRD_STOP_TIMEOUT  seconds between TERM and KILL (10)
 #   CTRD_CNI_BIN_DIR   if set: CNI plugin dir (Debian's containernetworking-
@@ -44,6 +47,7 @@ SHIM_DIR="${SHIM_DIR:+$(realpath -m "$SHIM_DIR")}"
 CTRD_LOG_LEVEL="${CTRD_LOG_LEVEL:-info}"
 CTRD_SNAPSHOTTER="${CTRD_SNAPSHOTTER:-overlayfs}"
 CTRD_SANDBOX_IMAGE="${CTRD_SANDBOX_IMAGE:-registry.k8s.io/pause:3.10}"
+CTRD_DEFAULT_RUNTIME="${CTRD_DEFAULT_RUNTIME:-runc}"
 CTRD_START_TIMEOUT="${CTRD_START_TIMEOUT:-30}"
 CTRD_STOP_TIMEOUT="${CTRD_STOP_TIMEOUT:-10}"
 CTRD_CNI_BIN_DIR="${CTRD_CNI_BIN_DIR:+$(realpath -m "$CTRD_CNI_BIN_DIR")}"
@@ -142,7 +146,7 @@ $vm_plugin
   cdi_spec_dirs = ["$CTRD_BASE/cdi"]
 
 [plugins."io.containerd.cri.v1.runtime".containerd]
-  default_runtime_name = "runc"
+  default_runtime_name = "$CTRD_DEFAULT_RUNTIME"
 
 # CRI runtime handler "resource-slot": pods are created by the sandboxer
 # (sandboxer = proxy plugin name), containers by the shim

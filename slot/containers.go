@@ -85,13 +85,14 @@ func (c *containers) get(p backend.Process) (*simContainer, error) {
 }
 
 // Create makes a simulated process: a pid, its stdio opened, its
-// simulation read from the container's annotations.
+// simulation read from the container's annotations and its pod's
+// (SimulationOf).
 func (c *containers) Create(ctx context.Context, ctr *backend.Container) (backend.Created, error) {
 	var annotations map[string]string
 	if ctr.Spec != nil {
 		annotations = ctr.Spec.Annotations
 	}
-	sim, err := ParseSimulation(annotations)
+	sim, err := SimulationOf(annotations[resourceinfo.AnnotationContainerName], ctr.PodAnnotations, annotations)
 	if err != nil {
 		return backend.Created{}, fmt.Errorf("container %s: %w", ctr.ContainerID, err)
 	}

@@ -48,3 +48,79 @@ func TestParseSimulation(t *testing.T) {
 		})
 	}
 }
+
+func TestIsInitName(t *testing.T) {
+	for name, want := range map[string]bool{
+		"init": true, "init-myservice": true, "init-mydb": true, "istio-init": true, "linkerd-init": true,
+		"db-init-2": true, "config_init": true, "init.1": true,
+		"app": false, "initializer": false, "reinit": false, "sidecar": false, "": false, "web-initial": false,
+	} {
+		assert.Equal(t, want, IsInitName(name), "IsInitName(%q)", name)
+	}
+}
+
+func TestSimulationOf(t *testing.T) {
+	for _, tc := range []struct {
+		desc           string
+		name           string
+		pod, container map[string]string
+		want           Simulation
+		err            string
+	}{
+		{desc: "an app container runs", name: "app"},
+		{desc: "an init container completes", name: "init-db", want: Simulation{ExitAfter: DefaultInitExitAfter}},
+		{desc: "no name", name: ""},
+		{
+			desc: "pod annotations keyed by name", name: "prepare",
+			pod: map[string]string{
+				PodAnnotationExitAfter + "prepare": "2s", PodAnnotationExitCode + "prepare": "3",
+				PodAnnotationCPUUsage + "prepare": "250m", PodAnnotationMemoryUsage + "prepare": "64Mi",
+				PodAnnotationExitAfter + "other": "1s",
+			},
+			want: Simulation{ExitAfter: 2 * time.Second, ExitCode: 3, CPUUsage: 0.25, MemoryUsage: 64 << 20},
+		},
+		{
+			desc: "another container's pod annotations do not apply", name: "app",
+			pod: map[string]string{PodAnnotationExitAfter + "other": "1s", AnnotationExitAfter: "1s"},
+		},
+		{
+			desc: "the container's own annotation wins", name: "job",
+			pod:       map[string]string{PodAnnotationExitAfter + "job": "1s", PodAnnotationExitCode + "job": "4"},
+			container: map[string]string{AnnotationExitAfter: "5s"},
+			want:      Simulation{ExitAfter: 5 * time.Second, ExitCode: 4},
+		},
+		{
+			desc: "never keeps an init-named app running", name: "init",
+			pod:  map[string]string{PodAnnotationExitAfter + "init": Never, PodAnnotationCPUUsage + "init": "1"},
+			want: Simulation{CPUUsage: 1},
+		},
+		{desc: "never in the container's own", name: "istio-init", container: map[string]string{AnnotationExitAfter: Never}},
+		{
+			desc: "the exit code of a default completion", name: "init",
+			pod:  map[string]string{PodAnnotationExitCode + "init": "1"},
+			want: Simulation{ExitAfter: DefaultInitExitAfter, ExitCode: 1},
+		},
+		{
+			desc: "a bad pod annotation is named", name: "prepare",
+			pod: map[string]string{PodAnnotationExitAfter + "prepare": "soon"},
+			err: PodAnnotationExitAfter + `prepare="soon"`,
+		},
+		{
+			desc: "a bad pod quantity is named", name: "prepare",
+			pod: map[string]string{PodAnnotationMemoryUsage + "prepare": "lots"},
+			err: PodAnnotationMemoryUsage + `prepare="lots"`,
+		},
+	} {
+		t.Run(tc.desc, func(t *testing.T) {
+			got, err := SimulationOf(tc.name, tc.pod, tc.container)
+			if tc.err != "" {
+				require.Error(t, err)
+				assert.True(t, errdefs.IsInvalidArgument(err), "%v", err)
+				assert.Contains(t, err.Error(), tc.err)
+				return
+			}
+			require.NoError(t, err)
+			assert.Equal(t, tc.want, got)
+		})
+	}
+}
