@@ -349,7 +349,7 @@ func (c *Controller) commitResources(sb *sandboxEntry, st *State, ri resourceinf
 		return fmt.Errorf("save sandbox %s: %w", sb.id, storageError(filepath.Join(c.opts.Root, JournalDir), err))
 	}
 	if tmp != "" {
-		if err := os.Rename(tmp, filepath.Join(dir, ResourceInfoFile)); err != nil {
+		if err := statefile.Rename(tmp, filepath.Join(dir, ResourceInfoFile)); err != nil {
 			// Recorded all the same: recovery rewrites the file.
 			os.Remove(tmp)
 			log.L.WithError(err).WithField("sandbox", sb.id).Error("replace " + ResourceInfoFile)

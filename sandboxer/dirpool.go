@@ -79,7 +79,7 @@ func (p *dirPool) name() string {
 func (p *dirPool) make(dir string, info []byte) error {
 	tmp := p.take()
 	if tmp != "" {
-		if err := overwrite(filepath.Join(tmp, ResourceInfoFile), info); err != nil {
+		if err := statefile.OverwriteFile(filepath.Join(tmp, ResourceInfoFile), info); err != nil {
 			p.discard(tmp)
 			tmp = ""
 		}
@@ -94,7 +94,7 @@ func (p *dirPool) make(dir string, info []byte) error {
 			return fmt.Errorf("write %s: %w", filepath.Join(dir, ResourceInfoFile), err)
 		}
 	}
-	if err := os.Rename(tmp, dir); err != nil {
+	if err := statefile.Rename(tmp, dir); err != nil {
 		p.give(tmp)
 		if errors.Is(err, syscall.ENOTEMPTY) || errors.Is(err, fs.ErrExist) {
 			return fmt.Errorf("sandbox directory %s exists: %w", dir, errdefs.ErrAlreadyExists)
@@ -104,28 +104,11 @@ func (p *dirPool) make(dir string, info []byte) error {
 	return nil
 }
 
-// overwrite replaces the content of an existing file in place: its block
-// is reused. For pooled files only, which no path of a sandbox names.
-func overwrite(path string, data []byte) error {
-	f, err := os.OpenFile(path, os.O_WRONLY, 0)
-	if err != nil {
-		return err
-	}
-	_, err = f.WriteAt(data, 0)
-	if err == nil {
-		err = f.Truncate(int64(len(data)))
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
-}
-
 // remove takes a sandbox's directory away: renamed into the pool, to be
 // emptied and reused.
 func (p *dirPool) remove(dir string) error {
 	tmp := p.name()
-	if err := os.Rename(dir, tmp); err != nil {
+	if err := statefile.Rename(dir, tmp); err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil
 		}
@@ -206,7 +189,7 @@ func (p *dirPool) recycle(d string) {
 			// Kept under its temp name, whose file the next sandbox's
 			// first state.json is written to (statefile.WriteTemp):
 			// its blocks are reused. Never read: recovery removes it.
-			if os.Rename(filepath.Join(d, e.Name()), filepath.Join(d, statefile.TempName(StateFile))) == nil {
+			if statefile.Rename(filepath.Join(d, e.Name()), filepath.Join(d, statefile.TempName(StateFile))) == nil {
 				continue
 			}
 		case e.Name() == statefile.TempName(StateFile) && e.Type().IsRegular():

@@ -154,12 +154,25 @@ func Replace(dir, name string, data []byte) error {
 	if err != nil {
 		return err
 	}
-	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
+	if err := Rename(tmp, filepath.Join(dir, name)); err != nil {
 		os.Remove(tmp)
 		return fmt.Errorf("rename %s: %w", name, err)
 	}
 	return nil
 }
+
+// Rename is rename(2) alone: os.Rename first stats the target, to refuse
+// renaming onto a directory, which costs a path walk per rename.
+func Rename(from, to string) error {
+	if err := unix.Rename(from, to); err != nil {
+		return &os.LinkError{Op: "rename", Old: from, New: to, Err: err}
+	}
+	return nil
+}
+
+// OverwriteFile writes data over what the existing file path holds, in
+// place (its blocks reused), and cuts it to data's length.
+func OverwriteFile(path string, data []byte) error { return overwrite(path, data, 0) }
 
 // RemoveTempOf removes the temp files a crash may have left of names in
 // dir (WriteTemp), without listing dir.
