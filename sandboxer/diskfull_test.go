@@ -150,3 +150,39 @@ func TestDiskFullStopAndRemove(t *testing.T) {
 		assert.Equal(t, i < pods/2, errdefs.IsNotFound(err), "pod%d", i)
 	}
 }
+
+// TestDiskFullCompaction: a compaction that cannot write the sandboxes'
+// state.json on a full disk fails and keeps the journal's segments; what
+// they hold survives a crash, and the compaction succeeds once there is
+// room again.
+func TestDiskFullCompaction(t *testing.T) {
+	ctx := context.Background()
+	root := smallFS(t, "2m")
+	c := newTestController(t, Options{Root: root, Backend: slot.New(), JournalSegmentSize: 256 << 10})
+	for i := range 5 {
+		id := fmt.Sprintf("pod%d", i)
+		require.NoError(t, create(ctx, c, id, nil))
+		_, err := c.Start(ctx, id)
+		require.NoError(t, err)
+	}
+	filler := fill(t, root)
+	err := c.Compact(ctx)
+	require.Error(t, err, "no room for the first state.json")
+	assert.True(t, errdefs.IsResourceExhausted(err), "got %v", err)
+	assert.Positive(t, c.journal.SealedCount(), "the segments are kept")
+	require.NoError(t, c.Stop(ctx, "pod0"), "and the journal takes a stop meanwhile")
+
+	// A crash now loses nothing.
+	c2, rep := reopen(t, c, slot.New())
+	assert.Equal(t, 5, rep.Loaded)
+	v, err := c2.Get("pod0")
+	require.NoError(t, err)
+	assert.Equal(t, PhaseStopped, v.State.Phase)
+
+	require.NoError(t, os.Remove(filler))
+	require.NoError(t, c2.Compact(ctx))
+	c3, rep := reopen(t, c2, slot.New())
+	assert.Equal(t, 5, rep.Loaded)
+	assert.Equal(t, 4, rep.Ready)
+	_ = c3
+}

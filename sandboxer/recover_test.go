@@ -26,7 +26,7 @@ import (
 func reopen(t *testing.T, c *Controller, b Backend) (*Controller, RecoverReport) {
 	t.Helper()
 	c.abandon()
-	c2 := newTestController(t, Options{Root: c.opts.Root, Backend: b, TaskAddress: c.opts.TaskAddress, CreatedGrace: c.opts.CreatedGrace, NoSync: c.opts.NoSync})
+	c2 := newTestController(t, Options{Root: c.opts.Root, Backend: b, TaskAddress: c.opts.TaskAddress, CreatedGrace: c.opts.CreatedGrace, NoSync: c.opts.NoSync, JournalSegmentSize: c.opts.JournalSegmentSize})
 	rep, err := c2.Recover(context.Background())
 	require.NoError(t, err)
 	return c2, rep

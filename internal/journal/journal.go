@@ -39,7 +39,7 @@ import (
 const (
 	DefaultSegmentSize = 8 << 20
 	minSegmentSize     = 64 << 10
-	defaultMaxFree     = 3
+	defaultMaxFree     = 2
 	segSuffix          = ".seg"
 	tempPrefix         = ".tmp-"
 )
@@ -56,7 +56,7 @@ type Options struct {
 	// survives the process once Append returns, not a power loss.
 	NoSync bool
 	// MaxFree is how many free segment files are kept for reuse
-	// (default 3; one of them is only used when the disk is full).
+	// (default 2), besides the one kept for a full disk.
 	MaxFree int
 	// OnFailed is called, in a goroutine of its own, with the IDs of
 	// records whose write or sync failed: the calls that appended them
@@ -122,10 +122,13 @@ type Journal struct {
 	buf         []byte
 	forceRotate bool
 
-	written   uint64 // every seq up to it is written
-	sealed    []*segment
-	spare     *segment
-	free      []*segment
+	written uint64 // every seq up to it is written
+	sealed  []*segment
+	spare   *segment
+	free    []*segment
+	// reserve is a free file that only Open takes, when no other can be
+	// had (a full disk): a restarted daemon can record stops and removals.
+	reserve   *segment
 	maxNumber uint64
 	nextFile  int
 
@@ -196,12 +199,30 @@ func Open(dir string, opts Options) (*Journal, *Replay, error) {
 		j.closeFiles()
 		return nil, nil, err
 	}
-	if err := j.ensureSpare(); err != nil {
+	// A free file is kept aside as the reserve first: a daemon restarted
+	// on a full disk takes it when no other file can be had.
+	if len(j.free) > 1 {
+		j.takeReserve()
+	}
+	err = j.ensureSpare()
+	if errors.Is(err, syscall.ENOSPC) && j.reserve != nil {
+		j.free = append(j.free, j.reserve)
+		j.reserve = nil
+		j.prepErr = nil
+		err = j.ensureSpare()
+	}
+	switch {
+	case err == nil:
+		j.active = j.spare
+		j.spare = nil
+	case errors.Is(err, syscall.ENOSPC):
+		// No segment to append to: the journal opens without one, its
+		// appends fail with ENOSPC until one can be made (space freed,
+		// or segments released by a compaction).
+	default:
 		j.closeFiles()
 		return nil, nil, err
 	}
-	j.active = j.spare
-	j.spare = nil
 	go func() {
 		if j.ensureSpare() == nil {
 			j.ensureReserve()
@@ -480,10 +501,18 @@ func (j *Journal) runWriter() {
 func (j *Journal) write(batch []*pending, hasSpare bool) ([]result, []string) {
 	res := make([]result, len(batch))
 	seg := j.active
-	if j.forceRotate {
-		if next, err := j.rotate(false); err == nil {
+	if j.forceRotate || seg == nil {
+		next, err := j.rotate(false)
+		switch {
+		case err == nil:
 			seg = next
 			j.forceRotate = false
+		case seg == nil:
+			// No segment at all (opened on a full disk).
+			for i := range res {
+				res[i].err = err
+			}
+			return res, nil
 		}
 	}
 	buf := j.buf[:0]
@@ -583,7 +612,11 @@ func (j *Journal) ensureReserve() {
 	j.prepMu.Lock()
 	defer j.prepMu.Unlock()
 	j.mu.Lock()
-	have := len(j.free) > 0 || j.closed
+	have := j.reserve != nil || j.closed
+	if !have && len(j.free) > 0 {
+		j.takeReserveLocked()
+		have = true
+	}
 	j.mu.Unlock()
 	if have || j.fault("prepare") != nil {
 		return
@@ -598,8 +631,26 @@ func (j *Journal) ensureReserve() {
 		return
 	}
 	j.mu.Lock()
-	j.free = append(j.free, seg)
+	j.reserve = seg
 	j.mu.Unlock()
+}
+
+// takeReserve sets a free file of the configured size aside as the
+// reserve.
+func (j *Journal) takeReserve() {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	j.takeReserveLocked()
+}
+
+func (j *Journal) takeReserveLocked() {
+	for i, seg := range j.free {
+		if seg.size == j.opts.SegmentSize {
+			j.reserve = seg
+			j.free = append(j.free[:i], j.free[i+1:]...)
+			return
+		}
+	}
 }
 
 // rotate seals the active segment and makes the spare the active one; a
@@ -610,7 +661,7 @@ func (j *Journal) rotate(full bool) (*segment, error) {
 		return nil, err
 	}
 	old := j.active
-	if old.off > headerSize || old.dirty {
+	if old != nil && (old.off > headerSize || old.dirty) {
 		if err := j.writeSeal(old); err != nil {
 			return nil, err
 		}
@@ -618,9 +669,11 @@ func (j *Journal) rotate(full bool) (*segment, error) {
 	j.mu.Lock()
 	next := j.spare
 	j.spare = nil
-	if old.off > headerSize {
+	switch {
+	case old == nil:
+	case old.off > headerSize:
 		j.sealed = append(j.sealed, old)
-	} else {
+	default:
 		j.free = append(j.free, old)
 	}
 	j.active = next
@@ -641,7 +694,10 @@ func (j *Journal) rotate(full bool) (*segment, error) {
 func (j *Journal) live() []*segment {
 	out := make([]*segment, 0, len(j.sealed)+1)
 	out = append(out, j.sealed...)
-	return append(out, j.active)
+	if j.active != nil {
+		out = append(out, j.active)
+	}
+	return out
 }
 
 func (j *Journal) signalCompact() {
@@ -714,9 +770,8 @@ func (j *Journal) ensureSpare() error {
 		j.mu.Unlock()
 		return nil
 	}
-	// The last free file is kept for when no other can be had (below).
 	var seg *segment
-	if n := len(j.free); n > 1 && j.free[n-1].size == j.opts.SegmentSize {
+	if n := len(j.free); n > 0 && j.free[n-1].size == j.opts.SegmentSize {
 		seg = j.free[n-1]
 		j.free = j.free[:n-1]
 	}
@@ -726,17 +781,6 @@ func (j *Journal) ensureSpare() error {
 	if seg == nil {
 		if err = j.fault("prepare"); err == nil {
 			seg, err = j.createFile()
-		}
-		if errors.Is(err, syscall.ENOSPC) {
-			// A full disk: the file kept for it, if any. Without it a
-			// daemon restarted on a full disk could record nothing, not
-			// even the stops and removals that free space.
-			j.mu.Lock()
-			if n := len(j.free); n > 0 && j.free[n-1].size == j.opts.SegmentSize {
-				seg, err = j.free[n-1], nil
-				j.free = j.free[:n-1]
-			}
-			j.mu.Unlock()
 		}
 	}
 	if err == nil {
@@ -910,7 +954,7 @@ func (j *Journal) Seal() (*Sealed, error) {
 		return nil, ErrClosed
 	}
 	j.writing = true
-	rotate := j.active.off > headerSize
+	rotate := j.active != nil && j.active.off > headerSize
 	j.mu.Unlock()
 	var err error
 	if rotate {
@@ -982,9 +1026,11 @@ type Stats struct {
 func (j *Journal) Stats() Stats {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	st := Stats{Sealed: len(j.sealed), Segments: len(j.sealed) + len(j.free) + 1}
-	if j.spare != nil {
-		st.Segments++
+	st := Stats{Sealed: len(j.sealed), Segments: len(j.sealed) + len(j.free)}
+	for _, s := range []*segment{j.active, j.spare, j.reserve} {
+		if s != nil {
+			st.Segments++
+		}
 	}
 	if j.active != nil {
 		st.Active = j.active.writtenOff - headerSize
@@ -1017,7 +1063,7 @@ func (j *Journal) Close() error {
 }
 
 func (j *Journal) closeFiles() {
-	for _, s := range append(append(append([]*segment{}, j.sealed...), j.free...), j.active, j.spare) {
+	for _, s := range append(append(append([]*segment{}, j.sealed...), j.free...), j.active, j.spare, j.reserve) {
 		if s != nil && s.fd > 0 {
 			unix.Close(s.fd)
 			s.fd = -1

@@ -512,3 +512,28 @@ func TestOpenOnFullDisk(t *testing.T) {
 	_, rep = open(t, dir, Options{})
 	assert.Empty(t, latest(rep))
 }
+
+// TestOpenWithoutSegment: a journal opened with no free file and no
+// space to make one opens all the same; its appends fail with ENOSPC
+// until a segment can be made.
+func TestOpenWithoutSegment(t *testing.T) {
+	dir := t.TempDir()
+	var full atomic.Bool
+	fault := func(op string) error {
+		if op == "prepare" && full.Load() {
+			return fmt.Errorf("create segment: %w", syscall.ENOSPC)
+		}
+		return nil
+	}
+	prepRetry = 0
+	defer func() { prepRetry = defaultPrepRetry }()
+	full.Store(true)
+	j, _ := open(t, dir, Options{Fault: fault})
+	_, err := j.Append(Entry{Kind: Put, ID: "a", Payload: []byte("1"), Durable: true, Frees: true})
+	assert.ErrorIs(t, err, syscall.ENOSPC)
+	full.Store(false)
+	put(t, j, "a", "2")
+	j.Close()
+	_, rep := open(t, dir, Options{})
+	assert.Equal(t, map[string]string{"a": "2"}, latest(rep))
+}
