@@ -115,6 +115,9 @@ type Journal struct {
 	writing bool       // a goroutine holds the writer role
 	syncing bool       // a goroutine holds the syncer role
 	closed  bool
+	// idleWaiters counts Seal and Close waiting for the roles to be
+	// free (cond); appends never wait on cond, each is woken alone.
+	idleWaiters int
 
 	// Owned by the writer role.
 	nextSeq     uint64
@@ -160,10 +163,11 @@ type segment struct {
 
 type pending struct {
 	Entry
-	seq     uint64
-	written bool
-	done    bool
-	err     error
+	seq uint64
+	err error
+	// finished is closed once the record is settled: written, synced
+	// (Durable), or failed.
+	finished chan struct{}
 }
 
 // Replay is what Open found.
@@ -432,31 +436,30 @@ func (j *Journal) Append(e Entry) (uint64, error) {
 	if len(e.Payload) > MaxPayload {
 		return 0, fmt.Errorf("journal: record of %d bytes is too large", len(e.Payload))
 	}
-	p := &pending{Entry: e}
+	p := &pending{Entry: e, finished: make(chan struct{})}
 	j.mu.Lock()
-	defer j.mu.Unlock()
 	if j.closed {
+		j.mu.Unlock()
 		return 0, ErrClosed
 	}
 	j.queue = append(j.queue, p)
 	if !j.writing {
+		// Write what is queued, this record with it; then sync, unless
+		// a sync is in flight (it syncs again when it ends).
 		j.runWriter()
-	}
-	for !p.written && p.err == nil {
-		j.cond.Wait()
-	}
-	if p.err != nil || !e.Durable || j.opts.NoSync {
-		return p.seq, p.err
-	}
-	j.waiting = append(j.waiting, p)
-	for !p.done {
-		if !j.syncing {
+		if len(j.waiting) > 0 && !j.syncing {
 			j.runSync()
-			continue
 		}
-		j.cond.Wait()
 	}
+	j.mu.Unlock()
+	<-p.finished
 	return p.seq, p.err
+}
+
+// finish settles a record: its caller returns. j.mu is held.
+func (p *pending) finish(err error) {
+	p.err = err
+	close(p.finished)
 }
 
 type result struct {
@@ -466,7 +469,8 @@ type result struct {
 }
 
 // runWriter writes what is queued until the queue is empty. j.mu is held
-// on entry and exit.
+// on entry and exit. The records that need no sync are settled; the
+// others wait in j.waiting.
 func (j *Journal) runWriter() {
 	j.writing = true
 	for len(j.queue) > 0 && !j.closed {
@@ -476,25 +480,32 @@ func (j *Journal) runWriter() {
 		j.mu.Unlock()
 		res, failed := j.write(batch, hasSpare)
 		j.mu.Lock()
-		for i, p := range batch {
-			p.seq, p.err = res[i].seq, res[i].err
-			if p.err == nil {
-				p.written = true
-				j.written = max(j.written, p.seq)
-			}
-		}
 		for _, s := range j.live() {
 			if s.off > s.writtenOff {
 				s.writtenOff, s.dirty = s.off, true
 			}
 		}
-		j.cond.Broadcast()
+		for i, p := range batch {
+			p.seq = res[i].seq
+			switch {
+			case res[i].err != nil:
+				p.finish(res[i].err)
+			case !p.Durable || j.opts.NoSync:
+				j.written = max(j.written, p.seq)
+				p.finish(nil)
+			default:
+				j.written = max(j.written, p.seq)
+				j.waiting = append(j.waiting, p)
+			}
+		}
 		if len(failed) > 0 && j.opts.OnFailed != nil {
 			go j.opts.OnFailed(failed)
 		}
 	}
 	j.writing = false
-	j.cond.Broadcast()
+	if j.idleWaiters > 0 {
+		j.cond.Broadcast()
+	}
 }
 
 // write encodes and writes a batch: one write per segment it goes to.
@@ -707,53 +718,53 @@ func (j *Journal) signalCompact() {
 	}
 }
 
-// runSync syncs what is written and settles the records waiting for it.
-// j.mu is held on entry and exit.
+// runSync syncs what is written and settles the records waiting for it,
+// again as long as records written meanwhile wait. j.mu is held on entry
+// and exit; it is released while the sync runs, so records go on being
+// written.
 func (j *Journal) runSync() {
 	j.syncing = true
-	target := j.written
-	var segs []*segment
-	var offs []int64
-	for _, s := range j.live() {
-		if s.dirty {
-			segs = append(segs, s)
-			offs = append(offs, s.writtenOff)
-			s.dirty = false
+	for len(j.waiting) > 0 {
+		waiting := j.waiting
+		j.waiting = nil
+		var segs []*segment
+		var offs []int64
+		for _, s := range j.live() {
+			if s.dirty {
+				segs = append(segs, s)
+				offs = append(offs, s.writtenOff)
+				s.dirty = false
+			}
+		}
+		j.mu.Unlock()
+		var err error
+		for _, s := range segs {
+			if err = j.sync(s); err != nil {
+				break
+			}
+		}
+		j.mu.Lock()
+		var failed []string
+		if err == nil {
+			for i, s := range segs {
+				s.syncedOff = max(s.syncedOff, offs[i])
+			}
+		} else {
+			j.forceRotate = true
+		}
+		for _, p := range waiting {
+			p.finish(err)
+			if err != nil {
+				failed = append(failed, p.ID)
+			}
+		}
+		if len(failed) > 0 && j.opts.OnFailed != nil {
+			go j.opts.OnFailed(failed)
 		}
 	}
-	j.mu.Unlock()
-	var err error
-	for _, s := range segs {
-		if err = j.sync(s); err != nil {
-			break
-		}
-	}
-	j.mu.Lock()
-	var failed []string
-	if err == nil {
-		for i, s := range segs {
-			s.syncedOff = max(s.syncedOff, offs[i])
-		}
-	} else {
-		j.forceRotate = true
-	}
-	kept := j.waiting[:0]
-	for _, p := range j.waiting {
-		if p.seq > target {
-			kept = append(kept, p)
-			continue
-		}
-		p.done, p.err = true, err
-		if err != nil {
-			failed = append(failed, p.ID)
-		}
-	}
-	clear(j.waiting[len(kept):])
-	j.waiting = kept
 	j.syncing = false
-	j.cond.Broadcast()
-	if len(failed) > 0 && j.opts.OnFailed != nil {
-		go j.opts.OnFailed(failed)
+	if j.idleWaiters > 0 {
+		j.cond.Broadcast()
 	}
 }
 
@@ -946,9 +957,11 @@ func (s *Sealed) Len() int { return len(s.segs) }
 // (a full disk) it returns the segments sealed so far, and the error.
 func (j *Journal) Seal() (*Sealed, error) {
 	j.mu.Lock()
+	j.idleWaiters++
 	for j.writing && !j.closed {
 		j.cond.Wait()
 	}
+	j.idleWaiters--
 	if j.closed {
 		j.mu.Unlock()
 		return nil, ErrClosed
@@ -962,6 +975,9 @@ func (j *Journal) Seal() (*Sealed, error) {
 	}
 	j.mu.Lock()
 	j.runWriter()
+	if len(j.waiting) > 0 && !j.syncing {
+		j.runSync()
+	}
 	s := &Sealed{segs: append([]*segment(nil), j.sealed...), ids: map[string]struct{}{}}
 	for _, seg := range s.segs {
 		for id := range seg.ids {
@@ -1042,18 +1058,23 @@ func (j *Journal) Stats() Stats {
 // The segments stay as they are.
 func (j *Journal) Close() error {
 	j.mu.Lock()
+	j.idleWaiters++
 	for j.writing || j.syncing {
 		j.cond.Wait()
 	}
+	j.idleWaiters--
+	if j.closed {
+		j.mu.Unlock()
+		return nil
+	}
 	j.closed = true
 	for _, p := range j.queue {
-		p.err = ErrClosed
+		p.finish(ErrClosed)
 	}
 	for _, p := range j.waiting {
-		p.done, p.err = true, ErrClosed
+		p.finish(ErrClosed)
 	}
 	j.queue, j.waiting = nil, nil
-	j.cond.Broadcast()
 	j.mu.Unlock()
 	// Wait for a spare being prepared.
 	j.prepMu.Lock()
