@@ -18,6 +18,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/kuasar-io/resource-slot-sandboxer/backend"
@@ -150,7 +151,7 @@ func (s *Service) CreateContainer(ctx context.Context, req *runtime.CreateContai
 	}
 	res.Name = md.GetName()
 	var logPath string
-	if dir := s.podConfig(v.State).GetLogDirectory(); dir != "" && cfg.GetLogPath() != "" {
+	if dir := decodePodConfig(v.State).GetLogDirectory(); dir != "" && cfg.GetLogPath() != "" {
 		logPath = filepath.Join(dir, cfg.GetLogPath())
 	}
 	img := s.images.forContainer(cfg.GetImage())
@@ -306,6 +307,7 @@ func (s *Service) RemoveContainer(ctx context.Context, req *runtime.RemoveContai
 		return nil, toGRPC(ctx, "RemoveContainer", err)
 	}
 	s.metas.forget(c.id)
+	s.ctrItems.forget(c.id)
 	return &runtime.RemoveContainerResponse{}, nil
 }
 
@@ -369,62 +371,69 @@ func (c ctr) toCRI() *runtime.Container {
 
 // listContainers visits the containers selected by ID prefix, pod ID
 // prefix and labels.
-func (s *Service) listContainers(id, podID string, selector map[string]string, fn func(v sandboxer.SandboxView, c ctr)) {
-	views := s.ctrl.List()
+func (s *Service) listContainers(id, podID string, selector map[string]string, fn func(st *sandboxer.State, c ctr)) {
+	states := s.ctrl.States()
 	live := 0
-	for _, v := range views {
-		live += len(v.State.Containers)
-		if !matchID(podID, v.State.ID) {
+	for _, st := range states {
+		live += len(st.Containers)
+		if !matchID(podID, st.ID) {
 			continue
 		}
-		for cid, c := range v.State.Containers {
+		for cid, c := range st.Containers {
 			if c.Task == nil || !matchID(id, cid) {
 				continue
 			}
-			x := ctr{id: cid, sandboxID: v.State.ID, rec: c.Task, c: c, meta: s.meta(cid, c.Task)}
+			x := ctr{id: cid, sandboxID: st.ID, rec: c.Task, c: c, meta: s.meta(cid, c.Task)}
 			if !matchLabels(selector, x.labels()) {
 				continue
 			}
-			fn(v, x)
+			fn(st, x)
 		}
 	}
 	if id == "" && podID == "" {
-		s.metas.prune(live, func(cid string) bool { return s.containerExists(views, cid) })
+		exists := func(cid string) bool { return s.containerExists(states, cid) }
+		s.metas.prune(live, exists)
+		s.ctrItems.prune(live, exists)
 	}
 }
 
-func (s *Service) containerExists(views []sandboxer.SandboxView, id string) bool {
-	for _, v := range views {
-		if _, ok := v.State.Containers[id]; ok {
+func (s *Service) containerExists(states []*sandboxer.State, id string) bool {
+	for _, st := range states {
+		if _, ok := st.Containers[id]; ok {
 			return true
 		}
 	}
 	return false
 }
 
-func (s *Service) filterContainers(f *runtime.ContainerFilter) []*runtime.Container {
-	var items []*runtime.Container
-	s.listContainers(f.GetId(), f.GetPodSandboxId(), f.GetLabelSelector(), func(_ sandboxer.SandboxView, c ctr) {
+// filterContainers returns the containers the filter selects, encoded
+// (list.go).
+func (s *Service) filterContainers(f *runtime.ContainerFilter) *encodedList {
+	list := &encodedList{}
+	s.listContainers(f.GetId(), f.GetPodSandboxId(), f.GetLabelSelector(), func(_ *sandboxer.State, c ctr) {
 		state := containerState(c.rec.Status)
 		if f.GetState() != nil && f.GetState().GetState() != state {
 			return
 		}
-		items = append(items, c.toCRI())
+		list.add(s.ctrItems.get(c.id, c.rec.CreatedAt, int32(state), func() proto.Message { return c.toCRI() }))
 	})
-	return items
+	return list
 }
 
 // ListContainers lists the containers of every pod. Containers created
 // through containerd are listed too, named by their ID and without image,
 // labels or annotations, which containerd keeps.
 func (s *Service) ListContainers(_ context.Context, req *runtime.ListContainersRequest) (*runtime.ListContainersResponse, error) {
-	return &runtime.ListContainersResponse{Containers: s.filterContainers(req.GetFilter())}, nil
+	resp := &runtime.ListContainersResponse{}
+	list := s.filterContainers(req.GetFilter())
+	list.setItems(resp, 0, len(list.items))
+	return resp, nil
 }
 
 func (s *Service) StreamContainers(req *runtime.StreamContainersRequest, stream grpc.ServerStreamingServer[runtime.StreamContainersResponse]) error {
-	return sendChunks(s.filterContainers(req.GetFilter()), func(items []*runtime.Container) error {
-		return stream.Send(&runtime.StreamContainersResponse{Containers: items})
-	})
+	return s.filterContainers(req.GetFilter()).chunks(
+		func() proto.Message { return &runtime.StreamContainersResponse{} },
+		func(m proto.Message) error { return stream.Send(m.(*runtime.StreamContainersResponse)) })
 }
 
 // ContainerStatus reports a container; verbose adds its task record,

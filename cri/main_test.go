@@ -33,7 +33,7 @@ func TestMain(m *testing.M) {
 // env is a real Controller and Tasks on a temp dir, served with the CRI
 // service over gRPC on a unix socket, and the CRI Go clients.
 type env struct {
-	t      *testing.T
+	t      testing.TB
 	dir    string
 	ctrl   *sandboxer.Controller
 	tasks  *sandboxer.Tasks
@@ -49,15 +49,18 @@ func newEnv(t *testing.T) *env {
 }
 
 // startEnv starts the service over the state in dir, recovering it.
-func startEnv(t *testing.T, dir string) *env {
+func startEnv(t testing.TB, dir string) *env { return startEnvSync(t, dir, false) }
+
+// startEnvSync is startEnv, durable with sync.
+func startEnvSync(t testing.TB, dir string, sync bool) *env {
 	t.Helper()
 	ctx := context.Background()
-	ctrl, err := sandboxer.New(sandboxer.Options{Root: dir, Backend: slot.New(), TaskAddress: "ttrpc+unix:///nonexistent-task.sock", NoSync: true})
+	ctrl, err := sandboxer.New(sandboxer.Options{Root: dir, Backend: slot.New(), TaskAddress: "ttrpc+unix:///nonexistent-task.sock", NoSync: !sync})
 	require.NoError(t, err)
 	_, err = ctrl.Recover(ctx)
 	require.NoError(t, err)
 	tasks := sandboxer.NewTasks(ctx, ctrl, nil)
-	svc, err := New(ctx, Options{Controller: ctrl, Tasks: tasks, Dir: dir, NoSync: true})
+	svc, err := New(ctx, Options{Controller: ctrl, Tasks: tasks, Dir: dir, NoSync: !sync})
 	require.NoError(t, err)
 
 	// Unix socket paths are short (108 bytes): not under t.TempDir().
@@ -83,6 +86,9 @@ func startEnv(t *testing.T, dir string) *env {
 		ctrl.BeginShutdown()
 		srv.Stop()
 		tasks.Close()
+		// As the daemon does: the journal is compacted and closed, so a
+		// restart opens it alone.
+		ctrl.Close(context.Background())
 		os.RemoveAll(sockDir)
 	}
 	t.Cleanup(e.stopFn)

@@ -4,7 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	goruntime "runtime"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/sandbox"
@@ -12,6 +15,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/typeurl/v2"
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
@@ -74,22 +78,17 @@ func (s *Service) reserveName(key podName, id string) (done func(ok bool), err e
 	}, nil
 }
 
-func (s *Service) releaseName(cfg *runtime.PodSandboxConfig, id string) {
-	key, ok := podNameOf(cfg)
+func (s *Service) releaseName(st *sandboxer.State) {
+	key, ok := podNameOfState(st)
 	if !ok {
 		return
 	}
+	id := st.ID
 	s.namesMu.Lock()
 	if s.names[key].id == id {
 		delete(s.names, key)
 	}
 	s.namesMu.Unlock()
-}
-
-// podConfig is a sandbox's PodSandboxConfig (nil when it was created
-// without one). Do not modify it.
-func (s *Service) podConfig(st *sandboxer.State) *runtime.PodSandboxConfig {
-	return s.pods.get(st.ID, st.CreatedAt, st.Config)
 }
 
 // resolvePod finds a pod by ID or by a unique prefix of its ID.
@@ -158,7 +157,7 @@ func (s *Service) RunPodSandbox(ctx context.Context, req *runtime.RunPodSandboxR
 	}
 	created := false
 	defer func() { done(created) }()
-	if err := s.ctrl.Create(ctx, sandbox.Sandbox{ID: id}, sandbox.WithOptions(cfg)); err != nil {
+	if err := s.ctrl.CreatePod(ctx, id, cfg); err != nil {
 		return nil, toGRPC(ctx, "RunPodSandbox", err)
 	}
 	if _, err := s.ctrl.Start(ctx, id); err != nil {
@@ -168,7 +167,8 @@ func (s *Service) RunPodSandbox(ctx context.Context, req *runtime.RunPodSandboxR
 		return nil, toGRPC(ctx, "RunPodSandbox", err)
 	}
 	created = true
-	log.G(ctx).WithField("name", logsafe.String(key.String())).Info("pod sandbox running (direct CRI)")
+	// The controller logged its create and start.
+	log.G(ctx).WithField("name", logsafe.String(key.String())).Debug("pod sandbox running (direct CRI)")
 	return &runtime.RunPodSandboxResponse{PodSandboxId: id}, nil
 }
 
@@ -207,10 +207,11 @@ func (s *Service) RemovePodSandbox(ctx context.Context, req *runtime.RemovePodSa
 	if err := s.ctrl.Shutdown(ctx, id); err != nil && !errdefs.IsNotFound(err) {
 		return nil, toGRPC(ctx, "RemovePodSandbox", err)
 	}
-	s.releaseName(s.podConfig(v.State), id)
-	s.pods.forget(id)
+	s.releaseName(v.State)
+	s.podItems.forget(id)
 	for cid := range v.State.Containers {
 		s.metas.forget(cid)
+		s.ctrItems.forget(cid)
 	}
 	return &runtime.RemovePodSandboxResponse{}, nil
 }
@@ -225,7 +226,7 @@ func (s *Service) PodSandboxStatus(ctx context.Context, req *runtime.PodSandboxS
 	}
 	st := v.State
 	ctx = withSandbox(ctx, st.ID)
-	cfg := s.podConfig(st)
+	cfg := decodePodConfig(st)
 	nsOpts := cfg.GetLinux().GetSecurityContext().GetNamespaceOptions()
 	if nsOpts == nil {
 		nsOpts = &runtime.NamespaceOption{}
@@ -256,24 +257,58 @@ func (s *Service) PodSandboxStatus(ctx context.Context, req *runtime.PodSandboxS
 	return resp, nil
 }
 
-// listPods returns the pods the filter selects.
-func (s *Service) listPods(f *runtime.PodSandboxFilter) []*runtime.PodSandbox {
-	views := s.ctrl.List()
-	items := make([]*runtime.PodSandbox, 0, len(views))
-	for _, v := range views {
-		st := v.State
+// listPods returns the pods the filter selects, encoded (list.go).
+func (s *Service) listPods(f *runtime.PodSandboxFilter) *encodedList {
+	states := s.ctrl.States()
+	selected := states[:0:0]
+	for _, st := range states {
 		if !matchID(f.GetId(), st.ID) {
 			continue
 		}
-		state := podState(st)
-		if f.GetState() != nil && f.GetState().GetState() != state {
+		if f.GetState() != nil && f.GetState().GetState() != podState(st) {
 			continue
 		}
-		cfg := s.podConfig(st)
-		if !matchLabels(f.GetLabelSelector(), cfg.GetLabels()) {
+		selected = append(selected, st)
+	}
+	if len(selected) >= parallelEncode {
+		// The first list after a start encodes every pod: on every core.
+		var next atomic.Int64
+		var wg sync.WaitGroup
+		for range goruntime.GOMAXPROCS(0) {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := next.Add(1) - 1; i < int64(len(selected)); i = next.Add(1) - 1 {
+					s.podItem(selected[i])
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	list := &encodedList{items: make([][]byte, 0, len(selected))}
+	for _, st := range selected {
+		wire := s.podItem(st)
+		if sel := f.GetLabelSelector(); len(sel) > 0 && !matchLabels(sel, labelsOf(wire, &runtime.PodSandbox{})) {
 			continue
 		}
-		items = append(items, &runtime.PodSandbox{
+		list.add(wire)
+	}
+	if f == nil {
+		s.prunePods(len(states))
+	}
+	return list
+}
+
+// parallelEncode is how many pods a list must show to encode them on
+// every core.
+var parallelEncode = 1000
+
+// podItem is a pod as lists show it, encoded.
+func (s *Service) podItem(st *sandboxer.State) []byte {
+	state := podState(st)
+	return s.podItems.get(st.ID, st.CreatedAt, int32(state), func() proto.Message {
+		cfg := decodeListed(st)
+		return &runtime.PodSandbox{
 			Id:             st.ID,
 			Metadata:       podMetadata(st.ID, cfg),
 			State:          state,
@@ -281,18 +316,14 @@ func (s *Service) listPods(f *runtime.PodSandboxFilter) []*runtime.PodSandbox {
 			Labels:         cfg.GetLabels(),
 			Annotations:    cfg.GetAnnotations(),
 			RuntimeHandler: RuntimeHandler,
-		})
-	}
-	if f == nil {
-		s.prunePods(views)
-	}
-	return items
+		}
+	})
 }
 
-// prunePods drops decoded configs of pods removed behind the service's
-// back (through containerd).
-func (s *Service) prunePods(views []sandboxer.SandboxView) {
-	s.pods.prune(len(views), func(id string) bool {
+// prunePods drops the items of pods removed behind the service's back
+// (through containerd).
+func (s *Service) prunePods(live int) {
+	s.podItems.prune(live, func(id string) bool {
 		_, err := s.ctrl.Get(id)
 		return err == nil
 	})
@@ -302,13 +333,16 @@ func (s *Service) prunePods(views []sandboxer.SandboxView) {
 // created through containerd (same store), filtered by ID prefix, state
 // and labels.
 func (s *Service) ListPodSandbox(_ context.Context, req *runtime.ListPodSandboxRequest) (*runtime.ListPodSandboxResponse, error) {
-	return &runtime.ListPodSandboxResponse{Items: s.listPods(req.GetFilter())}, nil
+	resp := &runtime.ListPodSandboxResponse{}
+	list := s.listPods(req.GetFilter())
+	list.setItems(resp, 0, len(list.items))
+	return resp, nil
 }
 
 func (s *Service) StreamPodSandboxes(req *runtime.StreamPodSandboxesRequest, stream grpc.ServerStreamingServer[runtime.StreamPodSandboxesResponse]) error {
-	return sendChunks(s.listPods(req.GetFilter()), func(items []*runtime.PodSandbox) error {
-		return stream.Send(&runtime.StreamPodSandboxesResponse{PodSandboxes: items})
-	})
+	return s.listPods(req.GetFilter()).chunks(
+		func() proto.Message { return &runtime.StreamPodSandboxesResponse{} },
+		func(m proto.Message) error { return stream.Send(m.(*runtime.StreamPodSandboxesResponse)) })
 }
 
 // UpdatePodSandboxResources is an in-place pod resize: it goes through the

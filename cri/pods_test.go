@@ -324,3 +324,80 @@ func TestCreatedContainerStartsAfterRestart(t *testing.T) {
 	require.NoError(t, err)
 	assert.Contains(t, string(data), "simulated container "+id)
 }
+
+// TestListFollowsChanges: the items lists keep encoded are encoded again
+// when what they show changes, and a removed pod leaves the list.
+func TestListFollowsChanges(t *testing.T) {
+	e := newEnv(t)
+	list := func() map[string]runtime.PodSandboxState {
+		resp, err := e.rt.ListPodSandbox(ctx, &runtime.ListPodSandboxRequest{})
+		require.NoError(t, err)
+		m := map[string]runtime.PodSandboxState{}
+		for _, p := range resp.Items {
+			m[p.Id] = p.State
+			assert.Equal(t, p.Metadata.Name, p.Labels["app"], "decoded whole")
+		}
+		return m
+	}
+	a := e.runp(podConfig("a", nil))
+	b := e.runp(podConfig("b", nil))
+	assert.Equal(t, map[string]runtime.PodSandboxState{a: runtime.PodSandboxState_SANDBOX_READY, b: runtime.PodSandboxState_SANDBOX_READY}, list())
+	_, err := e.rt.StopPodSandbox(ctx, &runtime.StopPodSandboxRequest{PodSandboxId: a})
+	require.NoError(t, err)
+	assert.Equal(t, runtime.PodSandboxState_SANDBOX_NOTREADY, list()[a])
+	_, err = e.rt.RemovePodSandbox(ctx, &runtime.RemovePodSandboxRequest{PodSandboxId: b})
+	require.NoError(t, err)
+	assert.Equal(t, map[string]runtime.PodSandboxState{a: runtime.PodSandboxState_SANDBOX_NOTREADY}, list())
+
+	// Containers too.
+	c := e.runp(podConfig("c", nil))
+	cid := e.create(c, containerConfig("ctr", nil, nil))
+	containers := func() map[string]runtime.ContainerState {
+		resp, err := e.rt.ListContainers(ctx, &runtime.ListContainersRequest{})
+		require.NoError(t, err)
+		m := map[string]runtime.ContainerState{}
+		for _, c := range resp.Containers {
+			m[c.Id] = c.State
+			assert.Equal(t, "ctr", c.Metadata.Name)
+			assert.Equal(t, "ctr", c.Labels["ctr"])
+		}
+		return m
+	}
+	assert.Equal(t, map[string]runtime.ContainerState{cid: runtime.ContainerState_CONTAINER_CREATED}, containers())
+	e.start(cid)
+	assert.Equal(t, map[string]runtime.ContainerState{cid: runtime.ContainerState_CONTAINER_RUNNING}, containers())
+	_, err = e.rt.StopContainer(ctx, &runtime.StopContainerRequest{ContainerId: cid})
+	require.NoError(t, err)
+	assert.Equal(t, map[string]runtime.ContainerState{cid: runtime.ContainerState_CONTAINER_EXITED}, containers())
+	_, err = e.rt.RemoveContainer(ctx, &runtime.RemoveContainerRequest{ContainerId: cid})
+	require.NoError(t, err)
+	assert.Empty(t, containers())
+}
+
+// TestStreamManyPods: more pods than one stream message holds.
+func TestStreamManyPods(t *testing.T) {
+	defer func(n int) { parallelEncode = n }(parallelEncode)
+	parallelEncode = 100 // and the first list encodes them on every core
+	e := newEnv(t)
+	want := map[string]bool{}
+	for i := range streamChunk + 20 {
+		want[e.runp(podConfig(fmt.Sprintf("many-%d", i), nil))] = true
+	}
+	stream, err := e.rt.StreamPodSandboxes(ctx, &runtime.StreamPodSandboxesRequest{})
+	require.NoError(t, err)
+	got := map[string]bool{}
+	msgs := 0
+	for {
+		msg, err := stream.Recv()
+		if err != nil {
+			break
+		}
+		msgs++
+		assert.LessOrEqual(t, len(msg.PodSandboxes), streamChunk)
+		for _, p := range msg.PodSandboxes {
+			got[p.Id] = true
+		}
+	}
+	assert.Equal(t, want, got)
+	assert.Equal(t, 2, msgs)
+}

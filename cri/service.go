@@ -8,7 +8,7 @@
 // simulated Tasks, whose records carry the CRI metadata in TaskRecord.Meta.
 // Nothing of a pod or a container is stored twice: the only state of its
 // own is the image list (<dir>/.images.json) and, in memory, an index of
-// pod names and a cache of decoded configs, both derived from the
+// pod names and the encoded items of lists, both derived from the
 // controller's records.
 package cri
 
@@ -87,10 +87,11 @@ type Service struct {
 	namesMu sync.Mutex
 	names   map[podName]nameEntry
 
-	// Decoded PodSandboxConfigs and container metadata, which never
-	// change once created, so listing many pods decodes nothing.
-	pods  decodeCache[runtime.PodSandboxConfig]
-	metas decodeCache[containerMeta]
+	// Container metadata, decoded, which never changes once created;
+	// and the pods and containers as lists send them, encoded (list.go).
+	metas    decodeCache[containerMeta]
+	podItems itemCache
+	ctrItems itemCache
 
 	podLocks [lockStripes]sync.Mutex
 }
@@ -121,9 +122,9 @@ func New(ctx context.Context, opts Options) (*Service, error) {
 	if s.version == "" {
 		s.version = moduleVersion()
 	}
-	for _, v := range s.ctrl.List() {
-		if key, ok := podNameOf(s.podConfig(v.State)); ok {
-			s.names[key] = nameEntry{id: v.State.ID}
+	for _, st := range s.ctrl.States() {
+		if key, ok := podNameOfState(st); ok {
+			s.names[key] = nameEntry{id: st.ID}
 		}
 	}
 	return s, nil

@@ -125,7 +125,7 @@ func (s *Service) listContainerStats(ctx context.Context, f *runtime.ContainerSt
 	now := time.Now()
 	var items []*runtime.ContainerStats
 	pods := map[string]map[string]resourceinfo.Usage{}
-	s.listContainers(f.GetId(), f.GetPodSandboxId(), f.GetLabelSelector(), func(_ sandboxer.SandboxView, c ctr) {
+	s.listContainers(f.GetId(), f.GetPodSandboxId(), f.GetLabelSelector(), func(_ *sandboxer.State, c ctr) {
 		if !hasProcess(c.rec) {
 			return
 		}
@@ -154,7 +154,7 @@ func (s *Service) StreamContainerStats(req *runtime.StreamContainerStatsRequest,
 // against the pod's effective limit.
 func (s *Service) podStats(ctx context.Context, v sandboxer.SandboxView, now time.Time) *runtime.PodSandboxStats {
 	ts := now.UnixNano()
-	cfg := s.podConfig(v.State)
+	cfg := decodePodConfig(v.State)
 	pod := s.podUsage(ctx, v.State.ID)
 	var sum usage
 	var ctrs []*runtime.ContainerStats
@@ -193,7 +193,7 @@ func (s *Service) listPodStats(ctx context.Context, f *runtime.PodSandboxStatsFi
 		if !matchID(f.GetId(), v.State.ID) || v.State.Phase != sandboxer.PhaseReady {
 			continue
 		}
-		if !matchLabels(f.GetLabelSelector(), s.podConfig(v.State).GetLabels()) {
+		if sel := f.GetLabelSelector(); len(sel) > 0 && !matchLabels(sel, decodePodConfig(v.State).GetLabels()) {
 			continue
 		}
 		items = append(items, s.podStats(ctx, v, now))

@@ -3,18 +3,24 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
+	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	api "github.com/containerd/containerd/api/services/sandbox/v1"
 	"github.com/containerd/containerd/v2/core/sandbox"
 	"github.com/containerd/containerd/v2/core/sandbox/proxy"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/ttrpc"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -34,11 +40,10 @@ func cycles(def int) int {
 	return def
 }
 
-var benchSeq int
+var benchSeq atomic.Int64
 
 func uniq(prefix string) string {
-	benchSeq++
-	return fmt.Sprintf("%s-%d-%d", prefix, os.Getpid(), benchSeq)
+	return fmt.Sprintf("%s-%d-%d", prefix, os.Getpid(), benchSeq.Add(1))
 }
 
 // compare runs one cycle for each runtime n times, alternating in blocks,
@@ -271,6 +276,20 @@ func BenchmarkConcurrentPods(b *testing.B) {
 	}
 }
 
+// settledRSS waits until an idle process's RSS no longer drops (the Go
+// runtime returns freed memory to the system over seconds), at most 30 s,
+// and returns it.
+func settledRSS(pid int) int {
+	low, since := rssKiB(pid), time.Now()
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline) && time.Since(since) < 5*time.Second; {
+		time.Sleep(500 * time.Millisecond)
+		if r := rssKiB(pid); r < low*99/100 {
+			low, since = r, time.Now()
+		}
+	}
+	return low
+}
+
 // rssKiB reads a process's resident set size.
 func rssKiB(pid int) int {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
@@ -399,6 +418,7 @@ func directManyPods(b *testing.B, n int) {
 		b.Fatal(err)
 	}
 	rssAfter := rssKiB(pid)
+	rssSettled := settledRSS(pid)
 
 	lat := make([]time.Duration, 0, 20)
 	for range 20 {
@@ -414,9 +434,243 @@ func directManyPods(b *testing.B, n int) {
 	}
 	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
 	p50 := float64(lat[len(lat)/2].Microseconds()) / 1000
-	perPod := float64(rssAfter-rssBefore) / float64(n)
-	b.ReportMetric(perPod, "KiB-rss/pod")
+	rssListed := rssKiB(pid)
+	rssListedSettled := settledRSS(pid)
+	perPod := func(rss int) float64 { return float64(rss-rssBefore) / float64(n) }
+	b.ReportMetric(perPod(rssAfter), "KiB-rss/pod")
+	b.ReportMetric(perPod(rssSettled), "KiB-rss/pod-settled")
+	b.ReportMetric(perPod(rssListedSettled), "KiB-rss/pod-listed-settled")
 	b.ReportMetric(p50, "ms-list-p50")
-	fmt.Printf("%s: %d pods created in %.1f s (8 clients, fsync = false); daemon RSS %.1f → %.1f MiB, %.2f KiB per pod; ListPodSandbox of all: p50 %.1f ms (20 calls)\n",
-		b.Name(), n, created.Seconds(), float64(rssBefore)/1024, float64(rssAfter)/1024, perPod, p50)
+	fmt.Printf("%s: %d pods created in %.1f s (8 clients, fsync = false); daemon RSS %.1f MiB before, per pod: %.2f KiB at once, %.2f KiB settled; after 20 ListPodSandbox of all: %.2f KiB at once, %.2f KiB settled; ListPodSandbox p50 %.1f ms\n",
+		b.Name(), n, created.Seconds(), float64(rssBefore)/1024, perPod(rssAfter), perPod(rssSettled), perPod(rssListed), perPod(rssListedSettled), p50)
+}
+
+// compareConcurrent runs n cycles of each of two targets from clients
+// concurrent clients, alternating between the targets in blocks so that
+// both see the same machine, and reports each one's throughput, the wall
+// time per cycle it comes to, and the ratio (ours over the baseline's).
+// targets[0] is the baseline, targets[1] ours.
+func compareConcurrent(b *testing.B, n, clients int, targets [2]string, cycle func(target int) error) {
+	block := clients * 25
+	var total [2]time.Duration
+	var done [2]int
+	for d := 0; d < n; d += block {
+		m := min(block, n-d)
+		for t := range 2 {
+			start := time.Now()
+			if errs := runParallel(m, clients, func(int) error { return cycle(t) }); len(errs) > 0 {
+				b.Fatalf("%s: %d errors, first: %v", targets[t], len(errs), errs[0])
+			}
+			total[t] += time.Since(start)
+			done[t] += m
+		}
+	}
+	var rate, ms [2]float64
+	for t := range 2 {
+		rate[t] = float64(done[t]) / total[t].Seconds()
+		ms[t] = 1000 / rate[t]
+	}
+	b.ReportMetric(rate[0], "cycles/s-"+targets[0])
+	b.ReportMetric(rate[1], "cycles/s-"+targets[1])
+	b.ReportMetric(ms[1]/ms[0], "ratio")
+	fmt.Printf("%s: %d cycles each, %d clients: %s %.0f cycles/s (%.3f ms/cycle), %s %.0f cycles/s (%.3f ms/cycle), ratio %.2fx\n",
+		b.Name(), n, clients, targets[1], rate[1], ms[1], targets[0], rate[0], ms[0], ms[1]/ms[0])
+}
+
+// BenchmarkPodCycleConcurrent: the pod cycle through containerd from 32
+// concurrent clients (one CRI connection, as the kubelet has), against
+// the no-op baseline.
+func BenchmarkPodCycleConcurrent(b *testing.B) {
+	ctx := context.Background()
+	for range b.N {
+		b.Run("fsync", func(b *testing.B) {
+			compareConcurrent(b, cycles(2000), 32, [2]string{"noop", "sandboxer"}, func(t int) error {
+				return podCycle(ctx, h.cri, [2]string{"noop", "resource-slot"}[t])
+			})
+		})
+	}
+}
+
+// noopCRIClient connects the CRI Go client to the no-op baseline's
+// socket, which serves a no-op CRI runtime service (noop_test.go).
+func noopCRIClient(tb testing.TB) (runtime.RuntimeServiceClient, func()) {
+	tb.Helper()
+	conn, err := grpc.NewClient("unix://"+filepath.Join(h.base, "noop.sock"), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return runtime.NewRuntimeServiceClient(conn), func() { conn.Close() }
+}
+
+// BenchmarkDirectPodCycleConcurrent: the pod cycle on the sandboxer's own
+// CRI endpoint from 32 concurrent clients, against a no-op CRI runtime
+// service in the baseline's process; durable (the default) and with
+// fsync = false.
+func BenchmarkDirectPodCycleConcurrent(b *testing.B) {
+	ctx := context.Background()
+	noop, closeNoop := noopCRIClient(b)
+	defer closeNoop()
+	run := func(b *testing.B) {
+		direct, closeDirect := directClient(b)
+		defer closeDirect()
+		clients := [2]runtime.RuntimeServiceClient{noop, direct}
+		compareConcurrent(b, cycles(20000), 32, [2]string{"noop", "sandboxer"}, func(t int) error {
+			return podCycle(ctx, clients[t], "")
+		})
+	}
+	for range b.N {
+		b.Run("fsync", run)
+		b.Run("nofsync", func(b *testing.B) { h.withConfig(b, "fsync = false\n", func() { run(b) }) })
+	}
+}
+
+// BenchmarkRecovery: 10,000 pods (RSS_BENCH_CYCLES) on disk, the daemon
+// killed (SIGKILL: the journal holds what compaction had not moved yet)
+// or stopped (SIGTERM: compacted), then started again: the time from its
+// start to a ListPodSandbox that lists them all.
+func BenchmarkRecovery(b *testing.B) {
+	ctx := context.Background()
+	n := cycles(10000)
+	client, closeClient := directClient(b)
+	defer closeClient()
+	ids := make([]string, n)
+	if err := inParallel(n, 8, func(i int) error {
+		resp, err := client.RunPodSandbox(ctx, &runtime.RunPodSandboxRequest{Config: podConfig(fmt.Sprintf("recover-%d", i), demoAnnotations, nil)})
+		if err == nil {
+			ids[i] = resp.PodSandboxId
+		}
+		return err
+	}); err != nil {
+		b.Fatal(err)
+	}
+	defer inParallel(n, 8, func(i int) error {
+		if ids[i] == "" {
+			return nil
+		}
+		_, err := client.RemovePodSandbox(ctx, &runtime.RemovePodSandboxRequest{PodSandboxId: ids[i]})
+		return err
+	})
+	for range b.N {
+		for _, how := range []struct {
+			name string
+			sig  syscall.Signal
+		}{{"killed", syscall.SIGKILL}, {"stopped", syscall.SIGTERM}} {
+			b.Run(how.name, func(b *testing.B) {
+				if err := h.stopSandboxer(how.sig); err != nil {
+					b.Fatal(err)
+				}
+				start := time.Now()
+				if err := h.startSandboxer(); err != nil {
+					b.Fatal(err)
+				}
+				for {
+					resp, err := client.ListPodSandbox(ctx, &runtime.ListPodSandboxRequest{})
+					if err == nil && len(resp.Items) >= n {
+						break
+					}
+					if time.Since(start) > time.Minute {
+						b.Fatalf("pods not listed a minute after the start: %v", err)
+					}
+					time.Sleep(5 * time.Millisecond)
+				}
+				d := time.Since(start)
+				b.ReportMetric(float64(d.Milliseconds()), "ms-to-serving")
+				fmt.Printf("%s: %d pods, from the daemon's start to a ListPodSandbox of all: %.0f ms; %s; %s\n",
+					b.Name(), n, float64(d.Microseconds())/1000, logLine("sandboxes recovered"), logLine("serving"))
+			})
+		}
+	}
+}
+
+// logLine is the daemon's last log line that contains s.
+func logLine(s string) string {
+	data, _ := os.ReadFile(h.sbLog)
+	lines := strings.Split(string(data), "\n")
+	for i := len(lines) - 1; i >= 0; i-- {
+		if strings.Contains(lines[i], s) {
+			return strings.TrimSpace(lines[i][strings.Index(lines[i], "msg="):])
+		}
+	}
+	return ""
+}
+
+// BenchmarkTaskShimHop: a container's task cycle (create, start, kill,
+// wait, delete) on the task API through the task shim, as containerd
+// calls it, and on the daemon's own task socket behind the shim,
+// interleaved in blocks: what the shim's hop costs per container cycle.
+func BenchmarkTaskShimHop(b *testing.B) {
+	ctx := namespaces.WithNamespace(context.Background(), "k8s.io")
+	conn, err := grpc.NewClient("unix://"+h.SandboxerSock(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close()
+	ctrl := proxy.NewSandboxController(api.NewControllerClient(conn), "resource-slot")
+	sandboxID := uniq("shimhop")
+	if err := ctrl.Create(ctx, sandbox.Sandbox{ID: sandboxID}); err != nil {
+		b.Fatal(err)
+	}
+	defer ctrl.Shutdown(ctx, sandboxID)
+	if _, err := ctrl.Start(ctx, sandboxID); err != nil {
+		b.Fatal(err)
+	}
+	bundle := b.TempDir()
+	spec := fmt.Sprintf(`{"ociVersion":"1.2.0","annotations":{"io.kubernetes.cri.sandbox-id":%q}}`, sandboxID)
+	if err := os.WriteFile(filepath.Join(bundle, "config.json"), []byte(spec), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	socks := []struct{ name, path string }{
+		{"shim", h.TaskSock()},
+		{"daemon", strings.TrimSuffix(h.TaskSock(), ".sock") + "-upstream.sock"},
+	}
+	clients := make([]taskAPI.TTRPCTaskService, len(socks))
+	for i, s := range socks {
+		c, err := net.Dial("unix", s.path)
+		if err != nil {
+			b.Fatal(err)
+		}
+		tc := ttrpc.NewClient(c)
+		defer tc.Close()
+		clients[i] = taskAPI.NewTTRPCTaskClient(tc)
+	}
+	cycle := func(c taskAPI.TTRPCTaskService) error {
+		id := uniq("hop")
+		if _, err := c.Create(ctx, &taskAPI.CreateTaskRequest{ID: id, Bundle: bundle}); err != nil {
+			return err
+		}
+		if _, err := c.Start(ctx, &taskAPI.StartRequest{ID: id}); err != nil {
+			return err
+		}
+		if _, err := c.Kill(ctx, &taskAPI.KillRequest{ID: id, Signal: uint32(syscall.SIGKILL)}); err != nil {
+			return err
+		}
+		if _, err := c.Wait(ctx, &taskAPI.WaitRequest{ID: id}); err != nil {
+			return err
+		}
+		_, err := c.Delete(ctx, &taskAPI.DeleteRequest{ID: id})
+		return err
+	}
+	for range b.N {
+		n := cycles(1000)
+		const block = 50
+		total := make([]time.Duration, len(socks))
+		for done := 0; done < n; done += block {
+			for i := range socks {
+				start := time.Now()
+				for j := 0; j < block && done+j < n; j++ {
+					if err := cycle(clients[i]); err != nil {
+						b.Fatalf("%s: %v", socks[i].name, err)
+					}
+				}
+				total[i] += time.Since(start)
+			}
+		}
+		viaShim := float64(total[0].Microseconds()) / 1000 / float64(n)
+		direct := float64(total[1].Microseconds()) / 1000 / float64(n)
+		b.ReportMetric(viaShim, "ms/cycle-shim")
+		b.ReportMetric(direct, "ms/cycle-daemon")
+		b.ReportMetric(viaShim-direct, "ms/cycle-hop")
+		fmt.Printf("%s: %d task cycles (create, start, kill, wait, delete): through the shim %.3f ms, on the daemon's socket %.3f ms: the hop costs %.3f ms per cycle\n",
+			b.Name(), n, viaShim, direct, viaShim-direct)
+	}
 }

@@ -230,13 +230,22 @@ func crashLifecycle(t *testing.T, ctrl sandbox.Controller, id string, m *crashMo
 
 func checkCrashState(t *testing.T, round int, direct, viaCRI map[string]*crashModel) {
 	t.Helper()
+	conn, err := grpc.NewClient("unix://"+h.SandboxerSock(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	require.NoError(t, err)
+	defer conn.Close()
+	ctrl := proxy.NewSandboxController(api.NewControllerClient(conn), "resource-slot")
 	matches := func(id string, m crashModel) bool {
 		dir := filepath.Join(h.StateDir(), id)
-		data, err := os.ReadFile(filepath.Join(dir, "resource_info.json"))
+		_, statErr := os.Stat(dir)
+		st, err := ctrl.Status(context.Background(), id, false)
 		if !m.exists {
-			_, statErr := os.Stat(dir)
-			return os.IsNotExist(statErr)
+			return os.IsNotExist(statErr) && errdefs.IsNotFound(err)
 		}
+		if err != nil {
+			return false
+		}
+		// resource_info.json is up to date when a call returns.
+		data, err := os.ReadFile(filepath.Join(dir, "resource_info.json"))
 		if err != nil {
 			return false
 		}
@@ -245,15 +254,7 @@ func checkCrashState(t *testing.T, round int, direct, viaCRI map[string]*crashMo
 			return false
 		}
 		cpu, _ := info["cpu_limit"].(float64)
-		if cpu != m.cpu {
-			return false
-		}
-		var st struct{ Phase string }
-		sdata, err := os.ReadFile(filepath.Join(dir, "state.json"))
-		if err != nil || json.Unmarshal(sdata, &st) != nil {
-			return false
-		}
-		return (st.Phase == "ready") == m.ready
+		return cpu == m.cpu && (st.State == "SANDBOX_READY") == m.ready
 	}
 	for _, models := range []map[string]*crashModel{direct, viaCRI} {
 		for id, m := range models {
@@ -271,7 +272,7 @@ func checkCrashState(t *testing.T, round int, direct, viaCRI map[string]*crashMo
 			assert.True(t, ok, "round %d: sandbox %s is not as acknowledged (%+v)", round, id, *m)
 		}
 	}
-	_, err := os.Stat(filepath.Join(h.StateDir(), ".quarantine"))
+	_, err = os.Stat(filepath.Join(h.StateDir(), ".quarantine"))
 	assert.True(t, os.IsNotExist(err), "round %d: nothing was quarantined", round)
 
 	// containerd agrees: every pod it lists as ready is ready here. A stop
@@ -287,8 +288,8 @@ func checkCrashState(t *testing.T, round int, direct, viaCRI map[string]*crashMo
 			if p.State != runtime.PodSandboxState_SANDBOX_READY || p.RuntimeHandler != "resource-slot" {
 				continue
 			}
-			data, err := os.ReadFile(filepath.Join(h.StateDir(), p.Id, "state.json"))
-			if err != nil || !strings.Contains(string(data), `"phase": "ready"`) {
+			st, err := ctrl.Status(context.Background(), p.Id, false)
+			if err != nil || st.State != "SANDBOX_READY" {
 				disagree = append(disagree, p.Id)
 			}
 		}

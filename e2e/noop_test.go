@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"net"
 	"os"
@@ -22,6 +24,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/timestamppb"
+	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
 
 // noop is the benchmarks' baseline: a sandbox controller and task service
@@ -90,6 +93,8 @@ func startNoop(sock, taskSock string) (*noop, error) {
 	}
 	n.grpc = grpc.NewServer()
 	api.RegisterControllerServer(n.grpc, n)
+	// The baseline of the direct CRI benchmarks, on the same socket.
+	runtime.RegisterRuntimeServiceServer(n.grpc, &noopCRI{pods: map[string]bool{}})
 	go n.grpc.Serve(l)
 	tl, err := net.Listen("unix", taskSock)
 	if err != nil {
@@ -292,4 +297,39 @@ func (s *noopTasks) Connect(_ context.Context, r *taskAPI.ConnectRequest) (*task
 }
 func (s *noopTasks) Shutdown(context.Context, *taskAPI.ShutdownRequest) (*emptypb.Empty, error) {
 	return &emptypb.Empty{}, nil
+}
+
+// noopCRI is the baseline of the direct CRI benchmarks: a CRI runtime
+// service whose pods are an ID and a state, as the sandboxer's direct
+// endpoint would be if it did nothing else.
+type noopCRI struct {
+	runtime.UnimplementedRuntimeServiceServer
+	mu   sync.Mutex
+	pods map[string]bool // ID -> ready
+}
+
+func (n *noopCRI) RunPodSandbox(context.Context, *runtime.RunPodSandboxRequest) (*runtime.RunPodSandboxResponse, error) {
+	var b [32]byte
+	rand.Read(b[:])
+	id := hex.EncodeToString(b[:])
+	n.mu.Lock()
+	n.pods[id] = true
+	n.mu.Unlock()
+	return &runtime.RunPodSandboxResponse{PodSandboxId: id}, nil
+}
+
+func (n *noopCRI) StopPodSandbox(_ context.Context, r *runtime.StopPodSandboxRequest) (*runtime.StopPodSandboxResponse, error) {
+	n.mu.Lock()
+	if _, ok := n.pods[r.PodSandboxId]; ok {
+		n.pods[r.PodSandboxId] = false
+	}
+	n.mu.Unlock()
+	return &runtime.StopPodSandboxResponse{}, nil
+}
+
+func (n *noopCRI) RemovePodSandbox(_ context.Context, r *runtime.RemovePodSandboxRequest) (*runtime.RemovePodSandboxResponse, error) {
+	n.mu.Lock()
+	delete(n.pods, r.PodSandboxId)
+	n.mu.Unlock()
+	return &runtime.RemovePodSandboxResponse{}, nil
 }

@@ -29,11 +29,14 @@ type faultyBackend struct {
 	*slot.Backend
 	mu      sync.Mutex
 	failOn  map[string]error
+	calls   map[string]int
 	updates []resourceinfo.ResourceInfo
+	// dead makes Recover report every sandbox gone.
+	dead bool
 }
 
 func newFaulty() *faultyBackend {
-	return &faultyBackend{Backend: slot.New(), failOn: map[string]error{}}
+	return &faultyBackend{Backend: slot.New(), failOn: map[string]error{}, calls: map[string]int{}}
 }
 
 func (f *faultyBackend) fail(op string, err error) {
@@ -45,7 +48,18 @@ func (f *faultyBackend) fail(op string, err error) {
 func (f *faultyBackend) err(op string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.calls[op]++
 	return f.failOn[op]
+}
+
+// waitCalls waits until op was called at least n times.
+func (f *faultyBackend) waitCalls(t *testing.T, op string, n int) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		return f.calls[op] >= n
+	}, 10*time.Second, time.Millisecond)
 }
 
 func (f *faultyBackend) Create(ctx context.Context, id, dir string, info resourceinfo.ResourceInfo) error {
@@ -76,14 +90,18 @@ func (f *faultyBackend) Recover(ctx context.Context, id, dir string, info resour
 	if err := f.err("recover"); err != nil {
 		return false, err
 	}
+	f.mu.Lock()
+	dead := f.dead
+	f.mu.Unlock()
+	if dead {
+		return false, nil
+	}
 	return f.Backend.Recover(ctx, id, dir, info, running, exited)
 }
 
 func newController(t *testing.T, root string, b Backend) *Controller {
 	t.Helper()
-	c, err := New(Options{Root: root, Backend: b, TaskAddress: "ttrpc+unix:///run/test-task.sock", CreatedGrace: time.Hour})
-	require.NoError(t, err)
-	return c
+	return newTestController(t, Options{Root: root, Backend: b, TaskAddress: "ttrpc+unix:///run/test-task.sock", CreatedGrace: time.Hour})
 }
 
 func podConfig(annotations map[string]string, linux *runtime.LinuxContainerResources) *runtime.PodSandboxConfig {
@@ -103,6 +121,21 @@ func create(ctx context.Context, c *Controller, id string, cfg *runtime.PodSandb
 		opts = append(opts, sandbox.WithOptions(cfg))
 	}
 	return c.Create(ctx, sandbox.Sandbox{ID: id}, opts...)
+}
+
+// sandboxDirs lists the state directory but for its own entries (the
+// journal, the quarantine), which start with a dot.
+func sandboxDirs(t *testing.T, root string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(root)
+	require.NoError(t, err)
+	var names []string
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), ".") {
+			names = append(names, e.Name())
+		}
+	}
+	return names
 }
 
 func readInfo(t *testing.T, root, id string) map[string]any {
@@ -175,9 +208,7 @@ func TestLifecycle(t *testing.T) {
 	_, err = os.Stat(filepath.Join(root, "sb1"))
 	assert.True(t, os.IsNotExist(err), "Shutdown removes the sandbox directory")
 	assert.True(t, errdefs.IsNotFound(c.Shutdown(ctx, "sb1")))
-	entries, err := os.ReadDir(root)
-	require.NoError(t, err)
-	assert.Empty(t, entries, "nothing left in the state dir")
+	assert.Empty(t, sandboxDirs(t, root), "nothing left in the state dir")
 }
 
 func TestWrongOrderAndUnknownIDs(t *testing.T) {
@@ -247,8 +278,7 @@ func TestCreateInvalidLeavesNothing(t *testing.T) {
 				assert.Contains(t, err.Error(), s)
 			}
 			assert.Less(t, len(err.Error()), 512, "the error repeats a bounded part of the input")
-			entries, _ := os.ReadDir(root)
-			assert.Empty(t, entries)
+			assert.Empty(t, sandboxDirs(t, root))
 			_, err = c.Status(ctx, "bad", false)
 			assert.True(t, errdefs.IsNotFound(err))
 		})
@@ -263,8 +293,7 @@ func TestBackendFailureRollsBack(t *testing.T) {
 
 	b.fail("create", errors.New("boom"))
 	require.Error(t, create(ctx, c, "sb", nil))
-	entries, _ := os.ReadDir(root)
-	assert.Empty(t, entries, "failed create leaves no directory")
+	assert.Empty(t, sandboxDirs(t, root), "failed create leaves no directory")
 	b.fail("create", nil)
 
 	require.NoError(t, create(ctx, c, "sb", nil))
@@ -421,6 +450,7 @@ func TestShutdownEndsWaiters(t *testing.T) {
 	require.NoError(t, err)
 	done := make(chan error, 1)
 	go func() { _, err := c.Wait(ctx, "sb"); done <- err }()
+	time.Sleep(100 * time.Millisecond) // let Wait begin: after Shutdown it is NotFound
 	require.NoError(t, c.Shutdown(ctx, "sb"))
 	select {
 	case err := <-done:

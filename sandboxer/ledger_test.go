@@ -53,8 +53,7 @@ func (a *capAdmitter) Release(id string) {
 func TestAdmission(t *testing.T) {
 	ctx := context.Background()
 	adm := &capAdmitter{cap: 4, held: map[string]float64{}}
-	c, err := New(Options{Root: t.TempDir(), Backend: slot.New(), Admitter: adm})
-	require.NoError(t, err)
+	c := newTestController(t, Options{Root: t.TempDir(), Backend: slot.New(), Admitter: adm})
 	cpu := func(v string) map[string]string { return map[string]string{resourceinfo.AnnotationCPULimit: v} }
 
 	// Concurrent creates: exactly as many as fit are admitted.
@@ -96,7 +95,7 @@ func TestAdmission(t *testing.T) {
 			break
 		}
 	}
-	err = c.UpdateSpec(ctx, other, func(s *resourceinfo.Spec) error { s.Annotations.CPULimit = ptrTo(2.0); return nil })
+	err := c.UpdateSpec(ctx, other, func(s *resourceinfo.Spec) error { s.Annotations.CPULimit = ptrTo(2.0); return nil })
 	assert.True(t, errdefs.IsResourceExhausted(err), "got %v", err)
 	v, err := c.Get(other)
 	require.NoError(t, err)
@@ -105,8 +104,8 @@ func TestAdmission(t *testing.T) {
 
 	// Recovery restores the accounting of the sandboxes that hold.
 	adm2 := &capAdmitter{cap: 4, held: map[string]float64{}}
-	c2, err := New(Options{Root: c.opts.Root, Backend: slot.New(), Admitter: adm2})
-	require.NoError(t, err)
+	c.abandon()
+	c2 := newTestController(t, Options{Root: c.opts.Root, Backend: slot.New(), Admitter: adm2})
 	_, err = c2.Recover(ctx)
 	require.NoError(t, err)
 	assert.Equal(t, 4.0, adm2.total)
@@ -116,13 +115,12 @@ func TestLedger(t *testing.T) {
 	ctx := context.Background()
 	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	clock := func() time.Time { return now }
-	c, err := New(Options{Root: t.TempDir(), Backend: slot.New(), Now: clock})
-	require.NoError(t, err)
+	c := newTestController(t, Options{Root: t.TempDir(), Backend: slot.New(), Now: clock})
 	require.NoError(t, create(ctx, c, "sb", podConfig(map[string]string{
 		resourceinfo.AnnotationCPULimit: "1", resourceinfo.AnnotationMemoryLimit: "1Gi",
 	}, nil)))
 	now = now.Add(time.Hour) // created, not running: not charged
-	_, err = c.Start(ctx, "sb")
+	_, err := c.Start(ctx, "sb")
 	require.NoError(t, err)
 	now = now.Add(time.Hour)
 	require.NoError(t, c.UpdateSpec(ctx, "sb", func(s *resourceinfo.Spec) error { s.Annotations.CPULimit = ptrTo(2.0); return nil }))

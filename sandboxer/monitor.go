@@ -67,9 +67,9 @@ func (c *Controller) writeUsage(ctx context.Context, id string, u resourceinfo.U
 	defer unlock()
 	data, err := statefile.EncodeJSON(u)
 	if err == nil {
-		err = statefile.WriteFiles(sb.dir, false, statefile.File{Name: UsageFile, Data: data, Derived: true})
+		err = statefile.Replace(c.Dir(sb.id), UsageFile, data)
 	}
 	if err != nil {
-		log.G(ctx).WithError(err).Warn("write " + filepath.Join(sb.dir, UsageFile))
+		log.G(ctx).WithError(err).Warn("write " + filepath.Join(c.Dir(sb.id), UsageFile))
 	}
 }

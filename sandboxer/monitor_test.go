@@ -31,8 +31,10 @@ func TestMonitor(t *testing.T) {
 	require.NoError(t, err)
 
 	mctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	go e.ctrl.RunMonitor(mctx, 20*time.Millisecond)
+	done := make(chan struct{})
+	go func() { e.ctrl.RunMonitor(mctx, 20*time.Millisecond); close(done) }()
+	// Stopped before the test's directory is removed.
+	defer func() { cancel(); <-done }()
 	var u resourceinfo.Usage
 	require.Eventually(t, func() bool {
 		data, err := os.ReadFile(filepath.Join(root, "sb", UsageFile))

@@ -4,8 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"os"
 	"strings"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/sandbox"
 	"github.com/containerd/errdefs"
@@ -20,7 +20,7 @@ import (
 
 // Create records a sandbox, extracts its resources and prepares it in the
 // backend. Nothing of it is left on disk when Create fails.
-func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...sandbox.CreateOpt) (retErr error) {
+func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...sandbox.CreateOpt) error {
 	id := info.ID
 	if err := ValidateID("sandbox", id); err != nil {
 		return err
@@ -35,6 +35,20 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 	if err != nil {
 		return err
 	}
+	return c.create(ctx, id, cfg, o)
+}
+
+// CreatePod is Create of a sandbox with a PodSandboxConfig already
+// decoded: the direct CRI service's, which need not encode it into the
+// options for Create to decode it again.
+func (c *Controller) CreatePod(ctx context.Context, id string, cfg *runtime.PodSandboxConfig) error {
+	if err := ValidateID("sandbox", id); err != nil {
+		return err
+	}
+	return c.create(ctx, id, cfg, sandbox.CreateOptions{})
+}
+
+func (c *Controller) create(ctx context.Context, id string, cfg *runtime.PodSandboxConfig, o sandbox.CreateOptions) (retErr error) {
 	if err := validatePodConfig(cfg); err != nil {
 		return err
 	}
@@ -42,8 +56,10 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 	if err != nil {
 		return err
 	}
-	annotations := cfg.GetAnnotations()
-	if len(annotations) == 0 && len(o.Annotations) > 0 {
+	// The pod annotations are in the config; the state keeps the
+	// request's only when they are what the resources come from.
+	var annotations map[string]string
+	if len(cfg.GetAnnotations()) == 0 && len(o.Annotations) > 0 {
 		// Not from CRI: read the resources from the request's annotations.
 		annotations = o.Annotations
 		if spec.Annotations, err = resourceinfo.FromAnnotations(annotations); err != nil {
@@ -58,7 +74,8 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 		}
 	}
 
-	sb := &sandboxEntry{id: id, dir: c.Dir(id), exited: make(chan struct{})}
+	sb := &sandboxEntry{id: id, exited: make(chan struct{})}
+	dir := c.Dir(id)
 	sb.op.Lock()
 	defer sb.op.Unlock()
 	c.mu.Lock()
@@ -75,17 +92,6 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 		}
 	}()
 
-	if err := mkdirSandbox(sb.dir); err != nil {
-		return err
-	}
-	defer func() {
-		if retErr != nil {
-			if err := os.RemoveAll(sb.dir); err != nil {
-				log.G(ctx).WithError(err).Warn("remove directory of failed sandbox")
-			}
-		}
-	}()
-
 	st := &State{
 		Version:     stateVersion,
 		ID:          id,
@@ -95,10 +101,11 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 		NetNSPath:   o.NetNSPath,
 		Annotations: annotations,
 		Config:      cfgJSON,
-		Spec:        spec,
-		Containers:  map[string]*Container{},
+		Spec:        internSpec(&spec),
 	}
 	ri := st.ResourceInfo()
+	st.ResourcesUpdatedAt = time.Now().UTC()
+	ri.UpdatedAt = st.ResourcesUpdatedAt
 	if err := c.opts.Admitter.Admit(ctx, id, ri.Resources); err != nil {
 		return err
 	}
@@ -107,7 +114,22 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 			c.opts.Admitter.Release(id)
 		}
 	}()
-	if err := c.opts.Backend.Create(ctx, id, sb.dir, ri); err != nil {
+	riData, err := encodeInfo(st, ri)
+	if err != nil {
+		return err
+	}
+	// The directory appears whole, with its resource_info.json.
+	if err := c.pool.make(dir, riData); err != nil {
+		return storageError(dir, err)
+	}
+	defer func() {
+		if retErr != nil {
+			if err := c.pool.remove(dir); err != nil {
+				log.G(ctx).WithError(err).Warn("remove directory of failed sandbox")
+			}
+		}
+	}()
+	if err := c.opts.Backend.Create(ctx, id, dir, ri); err != nil {
 		return fmt.Errorf("%s backend: create sandbox %s: %w", c.Mode(), id, err)
 	}
 	defer func() {
@@ -117,11 +139,12 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 			}
 		}
 	}()
-	// Not synced (see commit): Start makes the sandbox durable.
-	if err := c.commit(sb, st); err != nil {
+	// Written, not synced (see commit): Start makes it durable. Its
+	// resource_info.json is written already.
+	if err := c.commitResources(sb, st, ri, false); err != nil {
 		return err
 	}
-	logResources(ctx, "sandbox created", ri)
+	logResources(ctx, "sandbox created", ri, riData)
 	return nil
 }
 

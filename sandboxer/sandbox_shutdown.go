@@ -3,8 +3,6 @@ package sandboxer
 import (
 	"context"
 	"fmt"
-	"os"
-	"path/filepath"
 
 	"github.com/containerd/log"
 )
@@ -22,7 +20,7 @@ func (c *Controller) Shutdown(ctx context.Context, id string) error {
 	if err := c.opts.Backend.Delete(ctx, id); err != nil {
 		return fmt.Errorf("%s backend: delete sandbox %s: %w", c.Mode(), id, err)
 	}
-	if err := c.removeDir(sb.dir); err != nil {
+	if err := c.remove(sb); err != nil {
 		return err
 	}
 	sb.gone = true
@@ -33,20 +31,19 @@ func (c *Controller) Shutdown(ctx context.Context, id string) error {
 	return nil
 }
 
-// removeDir renames the directory out of the way, which is the atomic
-// point of removal, then deletes it.
-func (c *Controller) removeDir(dir string) error {
-	// IDs are unique among live sandboxes, so is the trash name; one left
-	// by an earlier crash is removed first.
-	trash := filepath.Join(c.opts.Root, trashPrefix+filepath.Base(dir))
-	if err := os.RemoveAll(trash); err != nil {
+// remove records the removal of a sandbox, its commit point, and deletes
+// its directory. A crash in between leaves the directory to recovery; a
+// failure to delete it is logged, and compaction tries again before the
+// journal lets go of the record.
+func (c *Controller) remove(sb *sandboxEntry) error {
+	sb.store.Lock()
+	defer sb.store.Unlock()
+	if err := c.commitRemoval(sb.id); err != nil {
 		return err
 	}
-	if err := os.Rename(dir, trash); err != nil {
-		return fmt.Errorf("remove sandbox directory: %w", err)
+	sb.removed = true
+	if err := c.pool.remove(c.Dir(sb.id)); err != nil {
+		log.L.WithError(err).WithField("sandbox", sb.id).Error("remove sandbox directory")
 	}
-	if err := c.syncRoot(); err != nil {
-		return err
-	}
-	return os.RemoveAll(trash)
+	return nil
 }

@@ -32,13 +32,8 @@ func (c *Controller) Start(ctx context.Context, id string) (sandbox.ControllerIn
 	now := c.opts.Now().UTC()
 	st.Phase, st.StartedAt, st.Pid = PhaseReady, &now, pid
 	st.Ledger.close(resourceinfo.Allocation{}, now, true)
-	// Create did not sync the sandbox's entry in the state dir (see
-	// commit): sync it before the first durable state.
-	err = c.syncRoot()
-	if err == nil {
-		err = c.commit(sb, st)
-	}
-	if err != nil {
+	// Durable, and with it the create before it (see commit).
+	if err := c.commit(sb, st); err != nil {
 		if serr := c.opts.Backend.Stop(context.WithoutCancel(ctx), id, 0); serr != nil {
 			log.G(ctx).WithError(serr).Warn("stop sandbox whose start could not be saved")
 		}

@@ -49,7 +49,7 @@ func (c *Controller) Status(ctx context.Context, id string, verbose bool) (sandb
 		State:     StateNotReady,
 		CreatedAt: st.CreatedAt,
 	}
-	if st.Phase == PhaseReady {
+	if st.Phase == PhaseReady && !sb.unknown.Load() {
 		status.State = StateReady
 		status.Address = c.opts.TaskAddress
 		status.Version = TaskAPIVersion
@@ -68,7 +68,7 @@ func (c *Controller) Status(ctx context.Context, id string, verbose bool) (sandb
 			usage = &u
 		}
 	}
-	status.Info, err = verboseInfo(st, sb.dir, snap.info, usage)
+	status.Info, err = verboseInfo(st, c.Dir(sb.id), snap.info, usage)
 	if err != nil {
 		return sandbox.ControllerStatus{}, err
 	}

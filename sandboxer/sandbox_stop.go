@@ -59,6 +59,7 @@ func (c *Controller) markStopped(sb *sandboxEntry, code uint32, at time.Time) er
 	if err := c.commit(sb, st); err != nil {
 		return err
 	}
+	sb.unknown.Store(false)
 	c.opts.Admitter.Release(sb.id)
 	sb.closeOnce.Do(func() { close(sb.exited) })
 	c.notifyTasks(sb.id)

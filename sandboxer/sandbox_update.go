@@ -3,7 +3,6 @@ package sandboxer
 import (
 	"context"
 	"fmt"
-	"reflect"
 
 	"github.com/containerd/containerd/v2/core/sandbox"
 	"github.com/containerd/errdefs"
@@ -42,7 +41,18 @@ func (c *Controller) Update(ctx context.Context, id string, info sandbox.Sandbox
 // UpdateSpec changes a sandbox's pod-level resources, applies them in the
 // backend and persists them.
 func (c *Controller) UpdateSpec(ctx context.Context, id string, change func(*resourceinfo.Spec) error) error {
-	return c.change(ctx, id, func(st *State) error { return change(&st.Spec) })
+	return c.change(ctx, id, func(st *State) error {
+		// A copy: the spec may be shared with other sandboxes.
+		var spec resourceinfo.Spec
+		if st.Spec != nil {
+			spec = *st.Spec
+		}
+		if err := change(&spec); err != nil {
+			return err
+		}
+		st.Spec = internSpec(&spec)
+		return nil
+	})
 }
 
 // SetContainer records (res != nil) or forgets (res == nil) a container's
@@ -84,13 +94,10 @@ func (c *Controller) change(ctx context.Context, id string, fn func(*State) erro
 	if err := fn(st); err != nil {
 		return err
 	}
-	ri := st.ResourceInfo()
-	ri.UpdatedAt = old.info.UpdatedAt
-	if reflect.DeepEqual(ri, old.info) {
-		// A task's status changed, not the resources: only persist.
-		// Synced like the rest: an unsynced rename over the synced
-		// state could leave an empty file after a power loss.
-		return c.commit(sb, st)
+	ri, changed := c.resourcesOf(old, st)
+	if !changed {
+		// A task's status changed, not the resources: only record it.
+		return c.commitResources(sb, st, ri, false)
 	}
 	holds := st.Phase != PhaseStopped
 	if holds {
@@ -111,7 +118,7 @@ func (c *Controller) change(ctx context.Context, id string, fn func(*State) erro
 		undo()
 		return fmt.Errorf("%s backend: update sandbox %s: %w", c.Mode(), id, err)
 	}
-	if err := c.commit(sb, st); err != nil {
+	if err := c.commitResources(sb, st, ri, true); err != nil {
 		undo()
 		// Put the backend back to what is on disk.
 		if rerr := c.opts.Backend.Update(context.WithoutCancel(ctx), id, old.info); rerr != nil {
@@ -119,6 +126,6 @@ func (c *Controller) change(ctx context.Context, id string, fn func(*State) erro
 		}
 		return err
 	}
-	logResources(ctx, "sandbox resources updated", ri)
+	logResources(ctx, "sandbox resources updated", ri, nil)
 	return nil
 }

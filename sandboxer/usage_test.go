@@ -18,13 +18,12 @@ import (
 // containers say they use.
 func TestUsageSimulated(t *testing.T) {
 	ctx := context.Background()
-	c, err := New(Options{Root: t.TempDir(), Backend: slot.New()})
-	require.NoError(t, err)
+	c := newTestController(t, Options{Root: t.TempDir(), Backend: slot.New()})
 	require.NoError(t, create(ctx, c, "sb", podConfig(map[string]string{
 		resourceinfo.AnnotationCPULimit: "1", resourceinfo.AnnotationMemoryLimit: "256Mi", resourceinfo.AnnotationPidLimit: "10",
 	}, nil)))
 
-	_, _, err = c.Usage(ctx, "sb")
+	_, _, err := c.Usage(ctx, "sb")
 	assert.True(t, errdefs.IsFailedPrecondition(err), "created: no usage, got %v", err)
 	_, _, err = c.Usage(ctx, "nope")
 	assert.True(t, errdefs.IsNotFound(err), "%v", err)

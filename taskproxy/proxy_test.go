@@ -56,6 +56,8 @@ func upstream(t *testing.T, root, sock string) *daemon {
 		defer cancel()
 		ts.Stop(sctx)
 		tasks.Close()
+		// A graceful stop closes the journal too.
+		c.Close(sctx)
 	}}
 }
 

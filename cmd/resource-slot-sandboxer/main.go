@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 
 	"github.com/containerd/log"
@@ -24,7 +25,16 @@ func main() {
 	}
 }
 
+// defaultGCPercent is the garbage collector's target unless GOGC is set:
+// the daemon keeps many small records alive (one per pod) and allocates
+// little per call, so a heap half again its live size, not twice, costs
+// little CPU and a third of the memory per pod (README, Performance).
+const defaultGCPercent = 50
+
 func run() error {
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(defaultGCPercent)
+	}
 	// Signals first, so none is missed during recovery.
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()

@@ -19,6 +19,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // TempPrefix starts the name of every temp file this package creates.
@@ -85,6 +87,149 @@ func WriteFiles(dir string, durable bool, files ...File) (retErr error) {
 		return nil
 	}
 	return SyncDir(dir)
+}
+
+// TempName is the temp file of name that WriteTemp and Replace use.
+func TempName(name string) string { return TempPrefix + name }
+
+// WriteTemp writes data, not synced, to the temp file of name in dir
+// (TempName) and returns its path: the caller renames it over name, or
+// removes it. The name is fixed, so that a crash leaves a temp file whose
+// name is known; the caller serializes the writes of name in dir.
+func WriteTemp(dir, name string, data []byte) (string, error) {
+	tmp := filepath.Join(dir, TempName(name))
+	if err := overwrite(tmp, data, unix.O_CREAT); err != nil {
+		os.Remove(tmp)
+		return "", fmt.Errorf("write %s: %w", filepath.Join(dir, name), err)
+	}
+	return tmp, nil
+}
+
+// overwrite writes data over what path holds, in place, and cuts it to
+// data's length: the file's blocks are reused, where truncating first
+// would free and allocate them again.
+func overwrite(path string, data []byte, flags int) error {
+	fd, err := unix.Open(path, unix.O_WRONLY|unix.O_CLOEXEC|flags, FileMode)
+	if err != nil {
+		return &fs.PathError{Op: "open", Path: path, Err: err}
+	}
+	for off := 0; off < len(data); {
+		n, err := unix.Pwrite(fd, data[off:], int64(off))
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			unix.Close(fd)
+			return &fs.PathError{Op: "write", Path: path, Err: err}
+		}
+		off += n
+	}
+	if err := unix.Ftruncate(fd, int64(len(data))); err != nil {
+		unix.Close(fd)
+		return &fs.PathError{Op: "truncate", Path: path, Err: err}
+	}
+	if err := unix.Close(fd); err != nil {
+		return &fs.PathError{Op: "close", Path: path, Err: err}
+	}
+	return nil
+}
+
+// Overwrite replaces the content of name in dir in place, or creates it
+// through its temp file (Replace) when it does not exist. Not atomic: a
+// crash can leave the file torn. For files whose content is also held by
+// something that outlives the crash (the journal for state.json), so
+// that a torn file is never read as the truth.
+func Overwrite(dir, name string, data []byte) error {
+	err := overwrite(filepath.Join(dir, name), data, 0)
+	if errors.Is(err, fs.ErrNotExist) {
+		return Replace(dir, name, data)
+	}
+	return err
+}
+
+// Replace atomically replaces name in dir with data, not synced, through
+// its fixed temp file (WriteTemp).
+func Replace(dir, name string, data []byte) error {
+	tmp, err := WriteTemp(dir, name, data)
+	if err != nil {
+		return err
+	}
+	if err := Rename(tmp, filepath.Join(dir, name)); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("rename %s: %w", name, err)
+	}
+	return nil
+}
+
+// Rename is rename(2) alone: os.Rename first stats the target, to refuse
+// renaming onto a directory, which costs a path walk per rename.
+func Rename(from, to string) error {
+	if err := unix.Rename(from, to); err != nil {
+		return &os.LinkError{Op: "rename", Old: from, New: to, Err: err}
+	}
+	return nil
+}
+
+// OverwriteFile writes data over what the existing file path holds, in
+// place (its blocks reused), and cuts it to data's length.
+func OverwriteFile(path string, data []byte) error { return overwrite(path, data, 0) }
+
+// RemoveTempOf removes the temp files a crash may have left of names in
+// dir (WriteTemp), without listing dir.
+func RemoveTempOf(dir string, names ...string) error {
+	for _, name := range names {
+		// unlink(2) alone: os.Remove tries rmdir(2) too when it fails.
+		path := filepath.Join(dir, TempName(name))
+		if err := unix.Unlink(path); err != nil && err != unix.ENOENT {
+			return &fs.PathError{Op: "unlink", Path: path, Err: err}
+		}
+	}
+	return nil
+}
+
+// ReadSmall reads a small file with open, read and close only (os.ReadFile
+// also stats it, reads again for EOF and registers it with the poller);
+// buf is reused when it is large enough.
+func ReadSmall(path string, buf []byte) ([]byte, error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &fs.PathError{Op: "open", Path: path, Err: err}
+	}
+	defer unix.Close(fd)
+	if cap(buf) < 4096 {
+		buf = make([]byte, 0, 4096)
+	}
+	buf = buf[:0]
+	for {
+		n, err := unix.Read(fd, buf[len(buf):cap(buf)])
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return nil, &fs.PathError{Op: "read", Path: path, Err: err}
+		}
+		if n == 0 {
+			return buf, nil
+		}
+		buf = buf[:len(buf)+n]
+		if len(buf) == cap(buf) {
+			buf = append(buf, 0)[:len(buf)]
+		}
+	}
+}
+
+// SyncFS makes everything written to the file system holding dir durable
+// (syncfs(2)): one call for what many files' syncs would cost.
+func SyncFS(dir string) error {
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	if err := unix.Syncfs(fd); err != nil {
+		return fmt.Errorf("syncfs %s: %w", dir, err)
+	}
+	return nil
 }
 
 // writeTemp writes data to a temp file beside name.

@@ -1,0 +1,289 @@
+package sandboxer
+
+import (
+	"context"
+	"encoding/json"
+	"reflect"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
+	"github.com/kuasar-io/resource-slot-sandboxer/slot"
+)
+
+func TestStripNulls(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{`{"a":null}`, `{}`},
+		{`{"a":null,"b":1}`, `{"b":1}`},
+		{`{"a":1,"b":null}`, `{"a":1}`},
+		{`{"a":1,"b":null,"c":2}`, `{"a":1,"c":2}`},
+		{`{"a":null,"b":null}`, `{}`},
+		{`{"a":{"b":null},"c":[null,1],"d":null}`, `{"a":{},"c":[null,1]}`},
+		{`{"s":"x:null,","t":null}`, `{"s":"x:null,"}`},
+		{`{"s":"q\":null}","t":null}`, `{"s":"q\":null}"}`},
+		{`{"k\\":null}`, `{}`},
+		{`{"nullable":"null","n":0}`, `{"nullable":"null","n":0}`},
+		{`[{"a":null}]`, `[{}]`},
+	} {
+		got := stripNulls([]byte(tc.in))
+		assert.Equal(t, tc.want, string(got), tc.in)
+		assert.True(t, json.Valid(got), tc.in)
+	}
+}
+
+// fullState is a state with every kind of field set.
+func fullState() *State {
+	now := time.Date(2026, 1, 2, 3, 4, 5, 6, time.UTC)
+	cpu, mem := 1.5, int64(1<<30)
+	return &State{
+		Version: stateVersion, ID: "sb", Mode: "slot", Phase: PhaseReady,
+		CreatedAt: now, StartedAt: &now, Pid: 7, NetNSPath: "/x",
+		Annotations: map[string]string{"a": "null", "b": ":null,"},
+		Config:      json.RawMessage(`{"metadata":{"name":"p"}}`),
+		Spec: &resourceinfo.Spec{
+			Annotations: resourceinfo.Resources{CPULimit: &cpu, Unified: map[string]string{"memory.high": "max"}},
+			Linux:       resourceinfo.Resources{MemoryLimit: &mem, HugepageLimits: map[string]uint64{"2MB": 4 << 20}},
+		},
+		Containers: map[string]*Container{
+			"c1": {Resources: resourceinfo.Resources{CPULimit: &cpu}, Task: &TaskRecord{
+				Namespace: "k8s.io", Bundle: "/b", Status: TaskRunning, Pid: 1 << 22, CreatedAt: now, StartedAt: &now,
+				Private: json.RawMessage(`{"simulation":{"exit_after":1000000000}}`), Meta: json.RawMessage(`{"name":"c"}`),
+				Execs: map[string]*ExecRecord{"e1": {Spec: json.RawMessage(`{"args":["sh"]}`), Status: TaskRunning, Pid: 9, ExitedAt: &now}},
+			}},
+			"c2": {},
+		},
+		Ledger:             Ledger{CPUCoreSeconds: 3, Since: &now},
+		ResourcesUpdatedAt: now,
+	}
+}
+
+// TestEncodeStateRoundTrip: a journal record decodes to the state it was
+// made of, though it has none of the null members.
+func TestEncodeStateRoundTrip(t *testing.T) {
+	for _, shared := range []bool{false, true} {
+		st := fullState()
+		if shared {
+			// A shared spec's encoding is cached and put in last.
+			st.Spec = internSpec(st.Spec)
+			require.NotNil(t, sharedSpec(st.Spec))
+		}
+		testEncodeState(t, st)
+	}
+}
+
+func testEncodeState(t *testing.T, st *State) {
+	data, err := encodeState(st)
+	require.NoError(t, err)
+	var tree any
+	require.NoError(t, json.Unmarshal(data, &tree))
+	var noNull func(v any)
+	noNull = func(v any) {
+		switch v := v.(type) {
+		case map[string]any:
+			for k, x := range v {
+				assert.NotNil(t, x, "member %q is null", k)
+				noNull(x)
+			}
+		case []any:
+			for _, x := range v {
+				noNull(x)
+			}
+		}
+	}
+	noNull(tree)
+	full, err := json.Marshal(st)
+	require.NoError(t, err)
+	t.Logf("record %d bytes, %d with nulls", len(data), len(full))
+	back, err := decodeState(data, "sb")
+	require.NoError(t, err)
+	var want State
+	require.NoError(t, json.Unmarshal(full, &want))
+	assert.Equal(t, &want, back)
+}
+
+// TestCloneShares: a clone owns what a change writes into (the state, its
+// container map, containers and task records), and shares what a change
+// only ever replaces. A field added to these types must be either copied
+// by clone or listed here as replaced, never written through.
+func TestCloneShares(t *testing.T) {
+	replaced := map[string]bool{
+		// Set at Create, never changed.
+		"State.Annotations": true, "State.Config": true,
+		// Replaced as a whole by a change.
+		"State.StartedAt": true, "State.ExitedAt": true, "State.Spec": true, "Ledger.Since": true,
+		"Container.Resources":  true,
+		"TaskRecord.StartedAt": true, "TaskRecord.ExitedAt": true, "TaskRecord.Meta": true,
+		"TaskRecord.Private": true, "TaskRecord.LegacySimulation": true,
+		"ExecRecord.Spec": true, "ExecRecord.ExitedAt": true,
+	}
+	st := fullState()
+	c := st.clone()
+	assert.Equal(t, st, c)
+	var walk func(path string, a, b reflect.Value)
+	walk = func(path string, a, b reflect.Value) {
+		if replaced[path] {
+			return
+		}
+		switch a.Kind() {
+		case reflect.Pointer:
+			if a.IsNil() {
+				return
+			}
+			assert.NotEqual(t, a.Pointer(), b.Pointer(), "%s is shared by a clone: copy it in clone, or list it as replaced", path)
+			walk(path, a.Elem(), b.Elem())
+		case reflect.Map:
+			if a.IsNil() {
+				return
+			}
+			assert.NotEqual(t, a.Pointer(), b.Pointer(), "%s is shared by a clone", path)
+			for _, k := range a.MapKeys() {
+				walk(path, a.MapIndex(k), b.MapIndex(k))
+			}
+		case reflect.Slice:
+			if a.Len() > 0 {
+				assert.NotEqual(t, a.Pointer(), b.Pointer(), "%s is shared by a clone", path)
+			}
+		case reflect.Struct:
+			if a.Type() == reflect.TypeOf(time.Time{}) {
+				return
+			}
+			for i := range a.NumField() {
+				walk(a.Type().Name()+"."+a.Type().Field(i).Name, a.Field(i), b.Field(i))
+			}
+		}
+	}
+	walk("State", reflect.ValueOf(st), reflect.ValueOf(c))
+}
+
+// TestSameResourceInputs: a clone has the same inputs, a change of any
+// of them is seen.
+func TestSameResourceInputs(t *testing.T) {
+	st := fullState()
+	assert.True(t, sameResourceInputs(st, st.clone()))
+	two := 2.0
+	for desc, change := range map[string]func(*State){
+		"pod annotation":      func(s *State) { sp := *s.Spec; sp.Annotations.CPULimit = &two; s.Spec = &sp },
+		"pod linux":           func(s *State) { sp := *s.Spec; sp.Linux.Unified = map[string]string{}; s.Spec = &sp },
+		"overhead":            func(s *State) { sp := *s.Spec; sp.Overhead.PidLimit = new(int64); s.Spec = &sp },
+		"container resources": func(s *State) { s.Containers["c1"].Resources.CPULimit = &two },
+		"new container":       func(s *State) { s.Containers["c3"] = &Container{} },
+		"removed container":   func(s *State) { delete(s.Containers, "c2") },
+	} {
+		c := st.clone()
+		change(c)
+		assert.False(t, sameResourceInputs(st, c), desc)
+	}
+	c := st.clone()
+	c.Phase, c.Containers["c1"].Task.Status = PhaseStopped, TaskPaused
+	assert.True(t, sameResourceInputs(st, c), "a status is not a resource input")
+	c.Containers["c1"].Task.Status = TaskStopped
+	assert.False(t, sameResourceInputs(st, c), "an exit is: it goes into the pod's history")
+}
+
+// TestInternSpec: equal specs are shared, and a spec no sandbox holds is
+// dropped.
+func TestInternSpec(t *testing.T) {
+	cpu := 1.5
+	a := internSpec(&resourceinfo.Spec{Annotations: resourceinfo.Resources{CPULimit: &cpu}})
+	cpu2 := 1.5
+	b := internSpec(&resourceinfo.Spec{Annotations: resourceinfo.Resources{CPULimit: &cpu2}})
+	assert.Same(t, a, b)
+	other := 2.0
+	c := internSpec(&resourceinfo.Spec{Annotations: resourceinfo.Resources{CPULimit: &other}})
+	assert.NotSame(t, a, c)
+	assert.Equal(t, 2.0, *c.Annotations.CPULimit)
+}
+
+// TestSharedSpecDerived: what is derived once per shared spec is what is
+// computed for each sandbox.
+func TestSharedSpecDerived(t *testing.T) {
+	cpu, mem := 1.5, int64(1<<30)
+	st := &State{ID: "sb", Spec: internSpec(&resourceinfo.Spec{
+		Annotations: resourceinfo.Resources{CPULimit: &cpu},
+		Linux:       resourceinfo.Resources{MemoryLimit: &mem, Unified: map[string]string{"memory.high": "max"}},
+	}), ResourcesUpdatedAt: time.Date(2026, 3, 4, 5, 6, 7, 8, time.UTC)}
+	require.NotNil(t, sharedSpec(st.Spec))
+	want := resourceinfo.Compute(*st.Spec, nil)
+	got := st.ResourceInfo()
+	want.UpdatedAt, got.UpdatedAt = time.Time{}, time.Time{}
+	assert.Equal(t, want, got)
+	fast, err := encodeInfo(st, got)
+	require.NoError(t, err)
+	want.UpdatedAt = st.ResourcesUpdatedAt
+	slow, err := json.MarshalIndent(want, "", "  ")
+	require.NoError(t, err)
+	assert.Equal(t, string(slow)+"\n", string(fast))
+}
+
+// TestDecodeStateForms: records and state.json decode whatever their
+// form: the spec shared and last, not shared, a config that mentions
+// "spec", the indented state.json of earlier versions; damage is refused.
+func TestDecodeStateForms(t *testing.T) {
+	st := fullState()
+	st.Config = json.RawMessage(`{"annotations":{"a":"b","spec":"x"},"metadata":{"name":"p"}}`)
+	want, err := json.Marshal(st)
+	require.NoError(t, err)
+	var wantState State
+	require.NoError(t, json.Unmarshal(want, &wantState))
+	shared := *st
+	shared.Spec = internSpec(st.Spec)
+	legacy, err := json.MarshalIndent(st, "", "  ")
+	require.NoError(t, err)
+	for desc, data := range map[string]func() ([]byte, error){
+		"shared spec": func() ([]byte, error) { return encodeState(&shared) },
+		"own spec":    func() ([]byte, error) { return encodeState(st) },
+		"legacy":      func() ([]byte, error) { return append(legacy, '\n'), nil },
+	} {
+		b, err := data()
+		require.NoError(t, err, desc)
+		got, err := decodeState(b, "sb")
+		require.NoError(t, err, desc)
+		// Raw members keep the whitespace they were read with.
+		a, _ := json.Marshal(wantState.Containers)
+		g, _ := json.Marshal(got.Containers)
+		assert.JSONEq(t, string(a), string(g), desc)
+		assert.Equal(t, *wantState.Spec, *got.Spec, desc)
+		assert.JSONEq(t, string(st.Config), string(got.Config), desc)
+	}
+	good, err := encodeState(&shared)
+	require.NoError(t, err)
+	for desc, bad := range map[string][]byte{
+		"trailing data": append(append([]byte{}, good...), `{}`...),
+		"unknown field": append([]byte(`{"bogus":1,`), good[1:]...),
+		"truncated":     good[:len(good)/2],
+		"empty":         nil,
+	} {
+		_, err := decodeState(bad, "sb")
+		assert.Error(t, err, desc)
+	}
+}
+
+// TestExitRecordedInHistory: a container's exit reaches the pod's
+// history (kubelet's init-container rules need it), though it changes no
+// resource value by itself: commit does not skip it.
+func TestExitRecordedInHistory(t *testing.T) {
+	ctx := context.Background()
+	c := newController(t, t.TempDir(), slot.New())
+	require.NoError(t, create(ctx, c, "sb", nil))
+	_, err := c.Start(ctx, "sb")
+	require.NoError(t, err)
+	mem := int64(64 << 20)
+	require.NoError(t, c.change(ctx, "sb", func(st *State) error {
+		st.Containers = map[string]*Container{"c1": {
+			Resources: resourceinfo.Resources{Name: "init", MemoryLimit: &mem},
+			Task:      &TaskRecord{Status: TaskRunning},
+		}}
+		return nil
+	}))
+	require.NoError(t, c.change(ctx, "sb", func(st *State) error {
+		st.Containers["c1"].Task.Status, st.Containers["c1"].Task.ExitStatus = TaskStopped, 0
+		return nil
+	}))
+	v, err := c.Get("sb")
+	require.NoError(t, err)
+	require.Contains(t, v.State.Spec.Pod.Containers, "init")
+	assert.True(t, v.State.Spec.Pod.Containers["init"].Completed, "the exit is in the history")
+}
