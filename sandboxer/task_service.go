@@ -15,7 +15,6 @@ import (
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/containerd/api/types/task"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
-	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/ttrpc"
@@ -58,23 +57,6 @@ func NewTaskServer(tasks *Tasks, opts ...ttrpc.ServerOpt) (*TaskServer, error) {
 	taskAPI.RegisterTTRPCTaskService(srv, ts)
 	return ts, nil
 }
-
-// NewEventPublisher forwards task events to containerd's ttrpc address, as
-// a shim does.
-func NewEventPublisher(address string) (Publisher, error) {
-	p, err := shim.NewPublisher(address)
-	if err != nil {
-		return nil, fmt.Errorf("events publisher for %s: %w", address, err)
-	}
-	return publisherAdapter{p}, nil
-}
-
-type publisherAdapter struct{ p *shim.RemoteEventsPublisher }
-
-func (a publisherAdapter) Publish(ctx context.Context, topic string, event any) error {
-	return a.p.Publish(ctx, topic, event)
-}
-func (a publisherAdapter) Close() error { return a.p.Close() }
 
 // Serve serves ttrpc on l until Stop.
 func (ts *TaskServer) Serve(ctx context.Context, l net.Listener) error {

@@ -29,6 +29,7 @@ import (
 	cg1 "github.com/containerd/cgroups/v3/cgroup1/stats"
 	cg2 "github.com/containerd/cgroups/v3/cgroup2/stats"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/publisher"
 	"github.com/kuasar-io/resource-slot-sandboxer/slot"
 )
 
@@ -72,9 +73,8 @@ func newTaskEnv(t *testing.T, root string) *taskEnv {
 	c := newController(t, root, slot.New())
 	_, err = c.Recover(ctx)
 	require.NoError(t, err)
-	events, err := NewEventPublisher(evSock)
-	require.NoError(t, err)
-	tasks := NewTasks(ctx, c, events)
+	// The daemon's queue, as in production.
+	tasks := NewTasks(ctx, c, publisher.New(evSock, publisher.Options{}))
 	t.Cleanup(tasks.Close)
 	ts, err := NewTaskServer(tasks)
 	require.NoError(t, err)
