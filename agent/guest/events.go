@@ -35,13 +35,15 @@ type eventQueue struct {
 	items   []*api.Event
 	dropped uint64
 	wake    chan struct{} // closed and renewed when an event arrives
+	acked   chan struct{} // closed and renewed when the host releases events
+	pushed  time.Time     // when the last event arrived
 }
 
 func newEventQueue(max int, nsOf func(string) string) *eventQueue {
 	if max <= 0 {
 		max = DefaultEventQueueSize
 	}
-	return &eventQueue{nsOf: nsOf, max: max, wake: make(chan struct{})}
+	return &eventQueue{nsOf: nsOf, max: max, wake: make(chan struct{}), acked: make(chan struct{})}
 }
 
 // Publish implements events.Publisher. It never blocks.
@@ -95,6 +97,7 @@ func (q *eventQueue) push(e *api.Event) {
 		}
 	}
 	q.items = append(q.items, e)
+	q.pushed = time.Now()
 	close(q.wake)
 	q.wake = make(chan struct{})
 }
@@ -116,6 +119,8 @@ func (q *eventQueue) get(ctx context.Context, after uint64, max int, wait time.D
 		}
 		if i > 0 {
 			q.items = append(q.items[:0], q.items[i:]...)
+			close(q.acked)
+			q.acked = make(chan struct{})
 		}
 		if len(q.items) > 0 {
 			n := min(len(q.items), max)
@@ -135,6 +140,38 @@ func (q *eventQueue) get(ctx context.Context, after uint64, max int, wait time.D
 		case <-ctx.Done():
 			return nil
 		}
+	}
+}
+
+// settle waits until the host has released every event and none has
+// arrived for quiet, or until limit passes: a guest that powers off gives
+// the host its containers' last exits first, without waiting on a host
+// that does not ask.
+func (q *eventQueue) settle(quiet, limit time.Duration) bool {
+	deadline := time.Now().Add(limit)
+	for {
+		q.mu.Lock()
+		pending, acked, wake := len(q.items), q.acked, q.wake
+		idle := time.Since(q.pushed)
+		q.mu.Unlock()
+		if pending == 0 && idle >= quiet {
+			return true
+		}
+		left := time.Until(deadline)
+		if left <= 0 {
+			return false
+		}
+		wait := left
+		if pending == 0 {
+			wait = min(left, quiet-idle)
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-acked:
+		case <-wake:
+		case <-t.C:
+		}
+		t.Stop()
 	}
 }
 

@@ -92,6 +92,30 @@ func TestEventQueueKeepsExits(t *testing.T) {
 	assert.Equal(t, uint64(2), dropped)
 }
 
+// TestEventQueueSettle: a powering-off guest waits for the host to read
+// its last events, and not for a host that never asks.
+func TestEventQueueSettle(t *testing.T) {
+	ctx := context.Background()
+	q := newEventQueue(8, nil)
+	assert.True(t, q.settle(time.Millisecond, time.Second), "nothing queued")
+
+	q.Publish(ctx, runtime.TaskExitEventTopic, &eventstypes.TaskExit{ContainerID: "a", ExitStatus: 3})
+	assert.False(t, q.settle(time.Millisecond, 50*time.Millisecond), "the host did not read the exit")
+
+	// A host that reads and acknowledges it lets the guest go.
+	settled := make(chan bool)
+	go func() { settled <- q.settle(10*time.Millisecond, time.Minute) }()
+	evs := q.get(ctx, 0, 10, time.Second)
+	require.Len(t, evs, 1)
+	q.get(ctx, evs[0].Seq, 10, 0)
+	select {
+	case ok := <-settled:
+		assert.True(t, ok)
+	case <-time.After(30 * time.Second):
+		t.Fatal("settle did not see the acknowledgement")
+	}
+}
+
 func TestStream(t *testing.T) {
 	dir := t.TempDir()
 	p, err := newProcIO(dir, "init", &api.Stdio{Stdout: true}, 8)

@@ -16,6 +16,14 @@ import (
 // a timeout).
 const DefaultStopGrace = 5 * time.Second
 
+// How long a guest that powers off waits for the host to read the last
+// events: until none arrived for exitsQuiet and every one was read, for
+// exitsLimit at most.
+const (
+	exitsQuiet = 300 * time.Millisecond
+	exitsLimit = 3 * time.Second
+)
+
 // Shutdown stops every container: SIGTERM to all their processes, SIGKILL
 // to what is left after grace; then syncs and, with powerOff, powers the
 // guest off (Config.PowerOff) shortly after returning, so that the RPC
@@ -36,6 +44,11 @@ func (a *Agent) Shutdown(ctx context.Context, grace time.Duration, powerOff bool
 	}
 	if first && powerOff && a.cfg.PowerOff != nil {
 		go func() {
+			// The containers' exits are published once their processes
+			// are reaped: let the host read them, a little while at most.
+			if !a.events.settle(exitsQuiet, exitsLimit) {
+				log.G(ctx).Warn("powering off with events the host has not read")
+			}
 			time.Sleep(200 * time.Millisecond)
 			a.cfg.PowerOff()
 		}()

@@ -1,6 +1,7 @@
 package guest_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -253,14 +254,21 @@ func (v *vm) qmp(t *testing.T, cmd string) {
 	require.NoError(t, err)
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(10 * time.Second))
-	buf := make([]byte, 4096)
-	c.Read(buf) // greeting
+	r := bufio.NewReader(c)
+	r.ReadString('\n') // greeting
 	for _, m := range []string{`{"execute":"qmp_capabilities"}`, `{"execute":"` + cmd + `"}`} {
 		_, err := c.Write([]byte(m + "\n"))
 		require.NoError(t, err)
-		n, err := c.Read(buf)
-		require.NoError(t, err)
-		require.Contains(t, string(buf[:n]), "return", "QMP %s: %s", m, buf[:n])
+		// Events (POWERDOWN) may come before the answer.
+		for {
+			line, err := r.ReadString('\n')
+			require.NoError(t, err, "QMP %s", m)
+			if strings.Contains(line, `"event"`) {
+				continue
+			}
+			require.Contains(t, line, `"return"`, "QMP %s: %s", m, line)
+			break
+		}
 	}
 }
 
