@@ -39,18 +39,12 @@ type encodedItem struct {
 }
 
 // itemCache holds encoded items by ID.
-type itemCache struct {
-	mu sync.RWMutex
-	m  map[string]encodedItem
-}
+type itemCache struct{ idCache[encodedItem] }
 
 // get returns the encoded item of id, encoding it with make when the
 // cache holds none for stamp and state.
 func (c *itemCache) get(id string, stamp time.Time, state int32, make func() proto.Message) []byte {
-	c.mu.RLock()
-	e, ok := c.m[id]
-	c.mu.RUnlock()
-	if ok && e.state == state && e.stamp == stamp.UnixNano() {
+	if e, ok := c.load(id); ok && e.state == state && e.stamp == stamp.UnixNano() {
 		return e.wire
 	}
 	msg, err := proto.Marshal(make())
@@ -61,24 +55,42 @@ func (c *itemCache) get(id string, stamp time.Time, state int32, make func() pro
 	}
 	wire := protowire.AppendTag(nil, listItemField, protowire.BytesType)
 	wire = protowire.AppendBytes(wire, msg)
-	c.mu.Lock()
-	if c.m == nil {
-		c.m = map[string]encodedItem{}
-	}
-	c.m[id] = encodedItem{stamp: stamp.UnixNano(), state: state, wire: wire}
-	c.mu.Unlock()
+	c.store(id, encodedItem{stamp: stamp.UnixNano(), state: state, wire: wire})
 	return wire
 }
 
-func (c *itemCache) forget(id string) {
+// idCache is a map by object ID kept beside the records: forget and
+// prune keep it to the objects that exist.
+type idCache[V any] struct {
+	mu sync.RWMutex
+	m  map[string]V
+}
+
+func (c *idCache[V]) load(id string) (V, bool) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	v, ok := c.m[id]
+	return v, ok
+}
+
+func (c *idCache[V]) store(id string, v V) {
+	c.mu.Lock()
+	if c.m == nil {
+		c.m = map[string]V{}
+	}
+	c.m[id] = v
+	c.mu.Unlock()
+}
+
+func (c *idCache[V]) forget(id string) {
 	c.mu.Lock()
 	delete(c.m, id)
 	c.mu.Unlock()
 }
 
-// prune drops the items of objects that no longer exist, when the cache
+// prune drops the entries of objects that no longer exist, when the cache
 // holds more than live ones (removed behind the service's back).
-func (c *itemCache) prune(live int, exists func(id string) bool) {
+func (c *idCache[V]) prune(live int, exists func(id string) bool) {
 	c.mu.RLock()
 	n := len(c.m)
 	c.mu.RUnlock()

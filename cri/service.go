@@ -193,10 +193,7 @@ func (s *Service) stripe(podID string) *sync.Mutex {
 
 // decodeCache keeps a JSON document decoded per ID. stamp tells apart two
 // objects that had the same ID (a removed one and a new one).
-type decodeCache[T any] struct {
-	mu sync.RWMutex
-	m  map[string]decoded[T]
-}
+type decodeCache[T any] struct{ idCache[decoded[T]] }
 
 type decoded[T any] struct {
 	stamp time.Time
@@ -209,10 +206,7 @@ func (c *decodeCache[T]) get(id string, stamp time.Time, raw json.RawMessage) *T
 	if len(raw) == 0 {
 		return nil
 	}
-	c.mu.RLock()
-	e, ok := c.m[id]
-	c.mu.RUnlock()
-	if ok && e.stamp.Equal(stamp) {
+	if e, ok := c.load(id); ok && e.stamp.Equal(stamp) {
 		return e.v
 	}
 	v := new(T)
@@ -220,37 +214,8 @@ func (c *decodeCache[T]) get(id string, stamp time.Time, raw json.RawMessage) *T
 		log.L.WithError(err).WithField("id", logsafe.String(id)).Warn("cri: undecodable record metadata; showing it without")
 		v = nil
 	}
-	c.mu.Lock()
-	if c.m == nil {
-		c.m = map[string]decoded[T]{}
-	}
-	c.m[id] = decoded[T]{stamp: stamp, v: v}
-	c.mu.Unlock()
+	c.store(id, decoded[T]{stamp: stamp, v: v})
 	return v
-}
-
-func (c *decodeCache[T]) forget(id string) {
-	c.mu.Lock()
-	delete(c.m, id)
-	c.mu.Unlock()
-}
-
-// prune drops the entries of objects that no longer exist, when the cache
-// holds more than live ones (removed behind the service's back).
-func (c *decodeCache[T]) prune(live int, exists func(id string) bool) {
-	c.mu.RLock()
-	n := len(c.m)
-	c.mu.RUnlock()
-	if n <= live {
-		return
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for id := range c.m {
-		if !exists(id) {
-			delete(c.m, id)
-		}
-	}
 }
 
 func matchLabels(selector, labels map[string]string) bool {
