@@ -20,6 +20,14 @@ import (
 // of them does not pass. The README's "## critest" section has the whole
 // suite.
 func TestCritest(t *testing.T) {
+	runCritestPassList(t, "critest-pass.txt", "10m")
+}
+
+// runCritestPassList runs the specs listed in scripts/<list> with
+// scripts/critest.sh --reuse and the extra flags, and fails the test for
+// each of them that does not pass.
+func runCritestPassList(t *testing.T, list, timeout string, flags ...string) {
+	t.Helper()
 	testenv.NeedTool(t, "critest", "scripts/install-containerd.sh")
 	cniBin := os.Getenv("CTRD_CNI_BIN_DIR")
 	if cniBin == "" {
@@ -27,13 +35,14 @@ func TestCritest(t *testing.T) {
 	}
 	_, err := os.Stat(filepath.Join(cniBin, "bridge"))
 	testenv.Need(t, err == nil, "no CNI plugins in %s: apt-get install -y --no-install-recommends containernetworking-plugins (scripts/install-test-tools.sh)", cniBin)
-	want := passList(t, filepath.Join(h.root, "scripts", "critest-pass.txt"))
+	want := passList(t, filepath.Join(h.root, "scripts", list))
 
 	reports := t.TempDir()
 	start := time.Now()
-	out, err := h.script("critest.sh", "--reuse", "--pass-list", "--parallel", "1",
-		"--timeout", "10m", "--report-dir", reports)
-	t.Logf("critest.sh --reuse --pass-list: %s", time.Since(start).Round(time.Second))
+	args := append([]string{"--reuse"}, flags...)
+	args = append(args, "--pass-list", "--parallel", "1", "--timeout", timeout, "--report-dir", reports)
+	out, err := h.script("critest.sh", args...)
+	t.Logf("critest.sh %s: %d specs in %s", strings.Join(args[:len(flags)+2], " "), len(want), time.Since(start).Round(time.Second))
 	if err != nil {
 		t.Errorf("critest.sh: %v", err)
 	}
@@ -46,7 +55,7 @@ func TestCritest(t *testing.T) {
 	for _, name := range want {
 		if s, ok := got[name]; !ok || s.State != "passed" {
 			failed = true
-			state := "not run (renamed in critest? update scripts/critest-pass.txt)"
+			state := "not run (renamed in critest? update scripts/" + list + ")"
 			if ok {
 				state = s.State + ": " + s.Failure.Message
 			}
