@@ -223,6 +223,9 @@ func (c *Container) clone() *Container {
 // path element (containerd's identifier rules: no "/", "..", NUL, at most
 // 76 characters of [A-Za-z0-9._-], starting with a letter or digit).
 func ValidateID(kind, id string) error {
+	if isIdentifier(id) {
+		return nil
+	}
 	if err := identifiers.Validate(id); err != nil {
 		shown := id
 		if len(shown) > 80 {
@@ -232,6 +235,30 @@ func ValidateID(kind, id string) error {
 			errdefs.ErrInvalidArgument, kind, shown)
 	}
 	return nil
+}
+
+// isIdentifier is identifiers.Validate's rule without its regexp, which
+// cost 3% of a pod cycle's CPU: 1-76 characters, runs of letters and
+// digits joined by single '.', '_' or '-'.
+func isIdentifier(s string) bool {
+	if len(s) == 0 || len(s) > 76 {
+		return false
+	}
+	sep := true // at the start, as after a separator
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9':
+			sep = false
+		case c == '.' || c == '_' || c == '-':
+			if sep {
+				return false
+			}
+			sep = true
+		default:
+			return false
+		}
+	}
+	return !sep
 }
 
 // encodeState is a state as the journal records it: compact JSON without

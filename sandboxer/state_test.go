@@ -3,10 +3,13 @@ package sandboxer
 import (
 	"context"
 	"encoding/json"
+	"math/rand/v2"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/containerd/containerd/v2/pkg/identifiers"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -286,4 +289,25 @@ func TestExitRecordedInHistory(t *testing.T) {
 	require.NoError(t, err)
 	require.Contains(t, v.State.Spec.Pod.Containers, "init")
 	assert.True(t, v.State.Spec.Pod.Containers["init"].Completed, "the exit is in the history")
+}
+
+// TestIsIdentifier: the fast check accepts exactly what containerd's
+// identifiers.Validate accepts.
+func TestIsIdentifier(t *testing.T) {
+	cases := []string{"", "a", "A9", "a.b", "a..b", ".a", "a.", "a-_b", "a_b-c.d", "a/b", "..", "a b", "ä",
+		strings.Repeat("a", 76), strings.Repeat("a", 77), "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", "a\x00"}
+	r := rand.New(rand.NewPCG(1, 2))
+	const alphabet = "aZ09._-/ \x00é"
+	for range 20000 {
+		b := make([]byte, r.IntN(10))
+		for i := range b {
+			b[i] = alphabet[r.IntN(len(alphabet))]
+		}
+		cases = append(cases, string(b))
+	}
+	for _, s := range cases {
+		if got, want := isIdentifier(s), identifiers.Validate(s) == nil; got != want {
+			t.Errorf("isIdentifier(%q) = %v, identifiers.Validate says %v", s, got, want)
+		}
+	}
 }
