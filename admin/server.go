@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"net/http/pprof"
 	"sort"
 	"time"
 
@@ -71,6 +72,13 @@ func Handler(o Options) http.Handler {
 			})
 		})
 	}
+	// Go's profiles, as containerd serves them on its debug socket: the
+	// admin socket is already the operator's, root only.
+	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+	mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, fmt.Errorf("no such endpoint: %s %s: %w", r.Method, r.URL.Path, errdefs.ErrNotFound))
 	})

@@ -303,3 +303,16 @@ func TestServeUnixSocket(t *testing.T) {
 		t.Fatal("Serve did not return")
 	}
 }
+
+// TestPprof: the admin socket serves Go's profiles, as containerd's debug
+// socket does.
+func TestPprof(t *testing.T) {
+	f := newFixture(t)
+	resp, err := http.Get(f.srv.URL + "/debug/pprof/goroutine?debug=1")
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	require.NoError(t, err)
+	assert.Equal(t, http.StatusOK, resp.StatusCode)
+	assert.Contains(t, string(data), "goroutine profile:")
+}

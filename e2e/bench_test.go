@@ -189,6 +189,7 @@ func containerCycles(b *testing.B) {
 			shim = pids[0]
 		}
 		shim0, sb0, noop0 := cpuTime(shim), cpuTime(h.sandboxer.Process.Pid), cpuTime(h.noop.Process.Pid)
+		waitProfile := profileDaemon(b, 15*time.Second)
 		compare(b, n, func(handler string) error {
 			cfg := containerConfig(uniq("c"), nil, res)
 			c, err := h.cri.CreateContainer(ctx, &runtime.CreateContainerRequest{PodSandboxId: ids[handler], Config: cfg, SandboxConfig: pods[handler]})
@@ -204,6 +205,7 @@ func containerCycles(b *testing.B) {
 			_, err = h.cri.RemoveContainer(ctx, &runtime.RemoveContainerRequest{ContainerId: c.ContainerId})
 			return err
 		})
+		waitProfile()
 		perCycle := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 / float64(n) }
 		shimMs, sbMs, noopMs := perCycle(cpuTime(shim)-shim0), perCycle(cpuTime(h.sandboxer.Process.Pid)-sb0), perCycle(cpuTime(h.noop.Process.Pid)-noop0)
 		b.ReportMetric(shimMs, "cpu-ms/cycle-shim")

@@ -4,6 +4,9 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -131,4 +134,38 @@ func straceCount(b *testing.B, pid int, fn func()) (map[string]int, map[string]f
 		calls[name], secs[name] = c, s
 	}
 	return calls, secs
+}
+
+// profileDaemon, with RSS_PROFILE_DIR set, records a CPU profile of the
+// daemon for d from its admin socket's /debug/pprof (in the background)
+// into the directory, named after the benchmark; wait waits for it.
+func profileDaemon(b *testing.B, d time.Duration) (wait func()) {
+	dir := os.Getenv("RSS_PROFILE_DIR")
+	if dir == "" {
+		return func() {}
+	}
+	client := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", filepath.Join(h.base, "sb-admin.sock"))
+	}}}
+	path := filepath.Join(dir, strings.ReplaceAll(b.Name(), "/", "_")+".prof")
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		resp, err := client.Get(fmt.Sprintf("http://admin/debug/pprof/profile?seconds=%d", int(d.Seconds())))
+		if err != nil {
+			b.Errorf("profile: %v", err)
+			return
+		}
+		defer resp.Body.Close()
+		data, err := io.ReadAll(resp.Body)
+		if err == nil {
+			err = os.WriteFile(path, data, 0o644)
+		}
+		if err != nil {
+			b.Errorf("profile: %v", err)
+			return
+		}
+		fmt.Printf("%s: daemon CPU profile of %s in %s\n", b.Name(), d, path)
+	}()
+	return func() { <-done }
 }

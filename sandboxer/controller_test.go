@@ -99,7 +99,7 @@ func (f *faultyBackend) Recover(ctx context.Context, id, dir string, info resour
 	return f.Backend.Recover(ctx, id, dir, info, running, exited)
 }
 
-func newController(t *testing.T, root string, b Backend) *Controller {
+func newController(t testing.TB, root string, b Backend) *Controller {
 	t.Helper()
 	return newTestController(t, Options{Root: root, Backend: b, TaskAddress: "ttrpc+unix:///run/test-task.sock", CreatedGrace: time.Hour})
 }

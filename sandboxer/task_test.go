@@ -56,7 +56,7 @@ type taskEnv struct {
 	root   string
 }
 
-func newTaskEnv(t *testing.T, root string) *taskEnv {
+func newTaskEnv(t testing.TB, root string) *taskEnv {
 	t.Helper()
 	ctx := context.Background()
 	dir := t.TempDir()
@@ -91,7 +91,7 @@ func newTaskEnv(t *testing.T, root string) *taskEnv {
 }
 
 // bundle writes a bundle whose config.json puts the container in sandboxID.
-func bundle(t *testing.T, sandboxID string, res *specs.LinuxResources, annotations map[string]string) string {
+func bundle(t testing.TB, sandboxID string, res *specs.LinuxResources, annotations map[string]string) string {
 	t.Helper()
 	dir := t.TempDir()
 	a := map[string]string{annotationSandboxID: sandboxID}
@@ -141,7 +141,7 @@ func (e *taskEnv) waitTopic(t *testing.T, topic string) {
 
 func ns(ctx context.Context) context.Context { return namespaces.WithNamespace(ctx, "k8s.io") }
 
-func readySandbox(t *testing.T, e *taskEnv, id string) {
+func readySandbox(t testing.TB, e *taskEnv, id string) {
 	t.Helper()
 	ctx := context.Background()
 	require.NoError(t, create(ctx, e.ctrl, id, nil))
