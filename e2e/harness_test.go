@@ -391,9 +391,15 @@ func (x *harness) dumpLogs() {
 
 // crictl runs crictl against the private containerd.
 func (x *harness) crictl(args ...string) (string, error) {
-	sock := "unix://" + filepath.Join(x.CtrdBase(), "containerd.sock")
+	return runCrictl(filepath.Join(x.CtrdBase(), "containerd.sock"), x.env(), args...)
+}
+
+// runCrictl runs crictl against the containerd of socket ctrdSock with
+// environment env; the output is trimmed.
+func runCrictl(ctrdSock string, env []string, args ...string) (string, error) {
+	sock := "unix://" + ctrdSock
 	cmd := exec.Command("crictl", append([]string{"--runtime-endpoint", sock, "--image-endpoint", sock, "--timeout", "30s"}, args...)...)
-	cmd.Env = x.env()
+	cmd.Env = env
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()

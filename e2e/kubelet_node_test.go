@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"encoding/xml"
 	"fmt"
 	"net"
 	"net/http"
@@ -16,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/vmm"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -34,14 +36,27 @@ var kubeletSysctls = []string{
 // host) are mounted.
 const cgroupRoot = "/sys/fs/cgroup"
 
-// kubeletNode is a node of its own: a sandboxer in slot mode, a private
-// containerd whose default runtime is resource-slot (kubelet without an
+// nodeMode is the mode of a kubeletNode's sandboxer.
+type nodeMode string
+
+const (
+	// slotNode runs the sandboxer in slot mode, the pods on runtime
+	// handler resource-slot (simulated containers).
+	slotNode nodeMode = "slot"
+	// vmNode runs it in vm mode (the guest of RSS_GUEST_DIR), the pods on
+	// resource-vm: each pod is a VM, its containers run in the guest.
+	vmNode nodeMode = "vm"
+)
+
+// kubeletNode is a node of its own: a sandboxer, a private containerd
+// whose default runtime is the sandboxer's handler (kubelet without an
 // API server cannot resolve RuntimeClasses: its pods name no runtime
 // handler), and kubelet running standalone on static pods from a
 // manifest directory. Everything lives under base; kubelet's servers
 // listen on 127.0.0.1 only.
 type kubeletNode struct {
 	t         *testing.T
+	mode      nodeMode
 	root      string // repository root
 	bin       string
 	base      string
@@ -52,6 +67,9 @@ type kubeletNode struct {
 	conn      *grpc.ClientConn
 	sysctls   map[string]string
 	hostname  string
+	// podTimeout bounds a pod's way to running, and to gone: a VM
+	// boots and stops under TCG.
+	podTimeout time.Duration
 }
 
 func (n *kubeletNode) ctrdBase() string      { return filepath.Join(n.base, "ctrd") }
@@ -65,9 +83,19 @@ func (n *kubeletNode) sbLog() string         { return filepath.Join(n.base, "san
 func (n *kubeletNode) kubeletLog() string    { return filepath.Join(n.base, "kubelet.log") }
 func (n *kubeletNode) containerdLog() string { return filepath.Join(n.ctrdBase(), "containerd.log") }
 
+// handler is the runtime handler of the node's pods (containerd's
+// default runtime).
+func (n *kubeletNode) handler() string {
+	if n.mode == vmNode {
+		return "resource-vm"
+	}
+	return "resource-slot"
+}
+
 // startKubeletNode brings the node up; t.Cleanup takes it down again and
-// puts back what kubelet changed on the host (sysctls, cgroups, mounts).
-func startKubeletNode(t *testing.T) *kubeletNode {
+// puts back what kubelet changed on the host (sysctls, cgroups, mounts)
+// and, in vm mode, destroys any domain the daemon left.
+func startKubeletNode(t *testing.T, mode nodeMode) *kubeletNode {
 	t.Helper()
 	kubelet, err := exec.LookPath("kubelet")
 	require.NoError(t, err, "kubelet not installed (scripts/install-kubelet.sh, run by make deps)")
@@ -78,7 +106,7 @@ func startKubeletNode(t *testing.T) *kubeletNode {
 	}
 	base, err := os.MkdirTemp("", "rss-kl-")
 	require.NoError(t, err)
-	n := &kubeletNode{t: t, root: h.root, bin: h.bin, base: base, hostname: "rss-e2e"}
+	n := &kubeletNode{t: t, mode: mode, root: h.root, bin: h.bin, base: base, hostname: "rss-e2e", podTimeout: 90 * time.Second}
 	t.Cleanup(n.teardown)
 	n.saveSysctls()
 	for _, d := range []string{n.manifests(), n.kubeletRoot(), filepath.Join(base, "pod-logs"), filepath.Join(base, "volume-plugins"), filepath.Join(base, "path")} {
@@ -86,13 +114,25 @@ func startKubeletNode(t *testing.T) *kubeletNode {
 	}
 	cfg := fmt.Sprintf("listen = %q\ndir = %q\nlog_level = \"debug\"\ncontainerd_address = %q\n",
 		n.sock(), n.stateDir(), filepath.Join(n.ctrdBase(), "containerd.sock.ttrpc"))
+	// The test image's simulated containers in slot mode, busybox's real
+	// ones in the guest in vm mode.
+	imageScript, imageTar := "build-test-image.sh", "test-image.tar"
+	if mode == vmNode {
+		guest := os.Getenv("RSS_GUEST_DIR")
+		require.NotEmpty(t, guest, "RSS_GUEST_DIR (make guest) for a vm node")
+		cfg = "mode = \"vm\"\n" + cfg + fmt.Sprintf("[vm]\nguest_dir = %q\nready_timeout = \"90s\"\n", guest)
+		imageScript, imageTar = "build-busybox-image.sh", "rss-busybox.oci.tar"
+		// A VM boots in 5-10 s under TCG, more on a loaded host; the
+		// init container runs in it first.
+		n.podTimeout = 5 * time.Minute
+	}
 	require.NoError(t, os.WriteFile(n.sbConfig(), []byte(cfg), 0o600))
 	n.startSandboxer()
 	if out, err := n.script("containerd-env.sh", "start"); err != nil {
 		t.Fatalf("start containerd: %v\n%s", err, out)
 	}
-	if out, err := n.script("build-test-image.sh", "--import", filepath.Join(base, "test-image.tar")); err != nil {
-		t.Fatalf("import test image: %v\n%s", err, out)
+	if out, err := n.script(imageScript, "--import", filepath.Join(base, imageTar)); err != nil {
+		t.Fatalf("import the image (%s): %v\n%s", imageScript, err, out)
 	}
 	n.conn, err = grpc.NewClient("unix://"+filepath.Join(n.ctrdBase(), "containerd.sock"), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	require.NoError(t, err)
@@ -102,15 +142,27 @@ func startKubeletNode(t *testing.T) *kubeletNode {
 }
 
 func (n *kubeletNode) env() []string {
+	// containerd-env.sh always declares the resource-slot proxy plugin:
+	// on a vm node it names a socket nobody serves, which containerd
+	// dials only for a resource-slot pod (there is none).
+	slotSock, vmSock := n.sock(), ""
+	if n.mode == vmNode {
+		slotSock, vmSock = filepath.Join(n.base, "no-slot.sock"), n.sock()
+	}
 	return append(os.Environ(),
 		"CTRD_BASE="+n.ctrdBase(),
-		"SANDBOXER_SOCK="+n.sock(),
+		"SANDBOXER_SOCK="+slotSock,
 		"SHIM_DIR="+n.bin,
-		"CTRD_DEFAULT_RUNTIME=resource-slot",
+		"CTRD_DEFAULT_RUNTIME="+n.handler(),
 		"CRI_CONFIG_FILE="+filepath.Join(n.ctrdBase(), "crictl.yaml"),
-		"SANDBOXER_VM_SOCK=",
+		"SANDBOXER_VM_SOCK="+vmSock,
 		"CTRD_EXTRA_SANDBOXERS=",
 	)
+}
+
+// crictl runs crictl against the node's containerd.
+func (n *kubeletNode) crictl(args ...string) (string, error) {
+	return runCrictl(filepath.Join(n.ctrdBase(), "containerd.sock"), n.env(), args...)
 }
 
 func (n *kubeletNode) script(name string, args ...string) (string, error) {
@@ -297,7 +349,7 @@ func (s kubePodState) running(want ...string) bool {
 func (n *kubeletNode) waitRunning(name string, want ...string) kubePodState {
 	n.t.Helper()
 	var st kubePodState
-	deadline := time.Now().Add(90 * time.Second)
+	deadline := time.Now().Add(n.podTimeout)
 	for {
 		var err error
 		st, err = n.pod(name)
@@ -305,8 +357,8 @@ func (n *kubeletNode) waitRunning(name string, want ...string) kubePodState {
 			return st
 		}
 		if time.Now().After(deadline) {
-			n.t.Fatalf("pod %s does not run %v after 90s (err %v): %d sandboxes, containers %s\nkubelet:\n%s",
-				name, want, err, len(st.sandboxes), describeContainers(st.containers), tailFile(n.kubeletLog(), 20))
+			n.t.Fatalf("pod %s does not run %v after %v (err %v): %d sandboxes, containers %s\nkubelet:\n%s",
+				name, want, n.podTimeout, err, len(st.sandboxes), describeContainers(st.containers), tailFile(n.kubeletLog(), 20))
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
@@ -392,7 +444,11 @@ func (n *kubeletNode) teardown() {
 	}
 	n.stopKubelet()
 	if n.cri != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		timeout := 30 * time.Second
+		if n.mode == vmNode {
+			timeout = 3 * time.Minute // a VM's stop waits for its guest
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
 		if pods, err := n.cri.ListPodSandbox(ctx, &runtime.ListPodSandboxRequest{}); err == nil {
 			for _, p := range pods.Items {
 				n.cri.StopPodSandbox(ctx, &runtime.StopPodSandboxRequest{PodSandboxId: p.Id})
@@ -409,6 +465,9 @@ func (n *kubeletNode) teardown() {
 	// The task shim outlives the daemon by design: end ours, by pid.
 	for _, pid := range pidsWithArg("serve --socket " + n.taskSock()) {
 		syscall.Kill(pid, syscall.SIGTERM)
+	}
+	if n.mode == vmNode {
+		n.destroyDomains()
 	}
 	removeKubepods(t)
 	n.restoreSysctls()
@@ -465,4 +524,42 @@ func tailFile(path string, n int) string {
 		return err.Error()
 	}
 	return tail(strings.TrimRight(string(data), "\n"), n)
+}
+
+// ownedDomains lists the libvirt domains (defined or running) whose
+// metadata names owner, a vm daemon's state directory, as theirs.
+func ownedDomains(owner string) ([]string, error) {
+	out, err := exec.Command("virsh", "-c", "qemu:///system", "list", "--all", "--name").CombinedOutput()
+	if err != nil {
+		return nil, fmt.Errorf("virsh list: %v: %s", err, out)
+	}
+	var owned []string
+	for _, name := range strings.Fields(string(out)) {
+		x, err := exec.Command("virsh", "-c", "qemu:///system", "dumpxml", name).Output()
+		if err != nil {
+			continue // gone meanwhile, or another helper's
+		}
+		var d vmm.Domain
+		if xml.Unmarshal(x, &d) == nil && d.Metadata != nil && d.Metadata.Sandbox != nil && d.Metadata.Sandbox.Owner == owner {
+			owned = append(owned, name)
+		}
+	}
+	return owned, nil
+}
+
+// destroyDomains removes the domains the node's vm daemon left: none once
+// kubelet's pods were removed through the CRI.
+func (n *kubeletNode) destroyDomains() {
+	names, err := ownedDomains(n.stateDir())
+	if err != nil {
+		n.t.Errorf("list the node's domains: %v", err)
+		return
+	}
+	for _, name := range names {
+		if !n.t.Failed() {
+			n.t.Errorf("domain %s left after its pod was removed", name)
+		}
+		exec.Command("virsh", "-c", "qemu:///system", "destroy", name).Run()
+		exec.Command("virsh", "-c", "qemu:///system", "undefine", name).Run()
+	}
 }

@@ -53,8 +53,18 @@ func (v podCgroupValues) String() string {
 
 const mi = 1 << 20
 
-func image(name, resources string) string {
-	s := fmt.Sprintf("  - name: %s\n    image: %s\n    imagePullPolicy: Never\n", name, testImage)
+// image is a container of the test image (a simulated container in slot
+// mode) for a pod spec.
+func image(name, resources string) string { return containerSpec(name, testImage, resources, "") }
+
+// containerSpec is a container of a pod spec; script, when set, is its
+// command, run by /bin/sh -c.
+func containerSpec(name, img, resources, script string) string {
+	s := fmt.Sprintf("  - name: %s\n    image: %s\n    imagePullPolicy: Never\n", name, img)
+	if script != "" {
+		// A Go quoted string is a YAML double-quoted one (ASCII).
+		s += fmt.Sprintf("    command: [/bin/sh, -c, %q]\n", script)
+	}
 	if resources != "" {
 		s += "    resources: " + resources + "\n"
 	}
@@ -151,7 +161,7 @@ func (p kubeletPod) manifest() string {
 // was, kubelet recreating nothing.
 func TestKubelet(t *testing.T) {
 	start := time.Now()
-	n := startKubeletNode(t)
+	n := startKubeletNode(t, slotNode)
 	t.Logf("node up in %v", time.Since(start).Round(time.Millisecond))
 	for _, p := range kubeletPods {
 		n.writeManifest(p.name, p.manifest())
@@ -179,52 +189,11 @@ func TestKubelet(t *testing.T) {
 		// (the task shim passed on Waits the stop cancelled).
 		{"sandboxer SIGTERM", func() { n.restartSandboxer(syscall.SIGTERM) }},
 	} {
-		t.Run("restart "+r.desc, func(t *testing.T) {
-			before := map[string]kubePodState{}
-			for _, p := range kubeletPods {
-				st, err := n.pod(p.name)
-				require.NoError(t, err)
-				require.True(t, st.running(p.containers...), "pod %s runs before the restart", p.name)
-				before[p.name] = st
-			}
-			r.restart()
-			// Long enough for kubelet to notice anything (PLEG relists
-			// every second, pods resync every 10 s) and to act on it.
-			time.Sleep(30 * time.Second)
-			for _, p := range kubeletPods {
-				st, err := n.pod(p.name)
-				require.NoError(t, err)
-				assert.True(t, st.running(p.containers...), "pod %s runs", p.name)
-				assert.Equal(t, sandboxIDs(before[p.name]), sandboxIDs(st), "pod %s: same sandbox", p.name)
-				assert.Equal(t, containerIDs(before[p.name]), containerIDs(st), "pod %s: same containers: %s", p.name, describeContainers(st.containers))
-				for _, c := range st.containers {
-					assert.Zero(t, c.GetMetadata().GetAttempt(), "pod %s container %s restarted", p.name, c.GetMetadata().GetName())
-				}
-			}
-		})
+		t.Run("restart "+r.desc, func(t *testing.T) { n.checkRestart(t, kubeletPods, r.restart) })
 	}
 
 	t.Run("manifest removed", func(t *testing.T) {
-		p := kubeletPods[0]
-		st, err := n.pod(p.name)
-		require.NoError(t, err)
-		require.NotEmpty(t, st.sandboxes)
-		n.removeManifest(p.name)
-		deadline := time.Now().Add(90 * time.Second)
-		for {
-			st, err := n.pod(p.name)
-			if err == nil && len(st.sandboxes) == 0 {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("pod %s still there 90s after its manifest was removed: %d sandboxes (%v)", p.name, len(st.sandboxes), err)
-			}
-			time.Sleep(250 * time.Millisecond)
-		}
-		for _, sb := range sandboxIDs(states[p.name]) {
-			_, err := os.Stat(filepath.Join(n.stateDir(), sb))
-			assert.True(t, os.IsNotExist(err), "sandbox directory %s removed: %v", sb, err)
-		}
+		n.checkManifestRemoved(t, kubeletPods[0].name, sandboxIDs(states[kubeletPods[0].name]))
 		// The others are untouched.
 		for _, q := range kubeletPods[1:] {
 			st, err := n.pod(q.name)
@@ -233,6 +202,59 @@ func TestKubelet(t *testing.T) {
 		}
 	})
 	t.Logf("kubelet end to end took %v", time.Since(start).Round(time.Second))
+}
+
+// checkRestart restarts a neighbour of the pods with restart and checks
+// that every pod keeps its sandbox and containers, all running with
+// restart count 0: kubelet recreates nothing and restarts nothing.
+func (n *kubeletNode) checkRestart(t *testing.T, pods []kubeletPod, restart func()) {
+	t.Helper()
+	before := map[string]kubePodState{}
+	for _, p := range pods {
+		st, err := n.pod(p.name)
+		require.NoError(t, err)
+		require.True(t, st.running(p.containers...), "pod %s runs before the restart", p.name)
+		before[p.name] = st
+	}
+	restart()
+	// Long enough for kubelet to notice anything (PLEG relists every
+	// second, pods resync every 10 s) and to act on it.
+	time.Sleep(30 * time.Second)
+	for _, p := range pods {
+		st, err := n.pod(p.name)
+		require.NoError(t, err)
+		assert.True(t, st.running(p.containers...), "pod %s runs", p.name)
+		assert.Equal(t, sandboxIDs(before[p.name]), sandboxIDs(st), "pod %s: same sandbox", p.name)
+		assert.Equal(t, containerIDs(before[p.name]), containerIDs(st), "pod %s: same containers: %s", p.name, describeContainers(st.containers))
+		for _, c := range st.containers {
+			assert.Zero(t, c.GetMetadata().GetAttempt(), "pod %s container %s restarted", p.name, c.GetMetadata().GetName())
+		}
+	}
+}
+
+// checkManifestRemoved removes a pod's manifest and waits until kubelet
+// has removed the pod; its sandbox directories must be gone with it.
+func (n *kubeletNode) checkManifestRemoved(t *testing.T, name string, sandboxes []string) {
+	t.Helper()
+	st, err := n.pod(name)
+	require.NoError(t, err)
+	require.NotEmpty(t, st.sandboxes)
+	n.removeManifest(name)
+	deadline := time.Now().Add(n.podTimeout)
+	for {
+		st, err := n.pod(name)
+		if err == nil && len(st.sandboxes) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pod %s still there %v after its manifest was removed: %d sandboxes (%v)", name, n.podTimeout, len(st.sandboxes), err)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	for _, sb := range sandboxes {
+		_, err := os.Stat(filepath.Join(n.stateDir(), sb))
+		assert.True(t, os.IsNotExist(err), "sandbox directory %s removed: %v", sb, err)
+	}
 }
 
 func sandboxIDs(s kubePodState) []string {

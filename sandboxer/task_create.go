@@ -33,6 +33,10 @@ func (t *Tasks) Create(ctx context.Context, spec TaskSpec) (_ *TaskRecord, retEr
 	if v.State.Phase != PhaseReady {
 		return nil, fmt.Errorf("sandbox %s is %s, not ready: %w", spec.SandboxID, v.State.Phase, errdefs.ErrFailedPrecondition)
 	}
+	podAnn, err := podAnnotations(v.State)
+	if err != nil {
+		return nil, err
+	}
 	r := &taskRun{key: k, sandboxID: spec.SandboxID, procs: map[string]*procRun{"": newProcRun()}}
 	t.mu.Lock()
 	if _, ok := t.runs[k]; ok {
@@ -58,7 +62,7 @@ func (t *Tasks) Create(ctx context.Context, spec TaskSpec) (_ *TaskRecord, retEr
 		IO:             spec.IO,
 		Options:        spec.Options,
 		Resources:      spec.Resources,
-		PodAnnotations: v.State.Annotations,
+		PodAnnotations: podAnn,
 	})
 	if err != nil {
 		return nil, err

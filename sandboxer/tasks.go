@@ -103,6 +103,13 @@ func NewTasks(ctx context.Context, ctrl *Controller, events Publisher) *Tasks {
 	t.rt = ctrl.opts.Backend.Containers(taskEvents{t})
 	var recover []*backend.Container
 	for _, v := range ctrl.List() {
+		var podAnn map[string]string
+		if len(v.State.Containers) > 0 {
+			var err error
+			if podAnn, err = podAnnotations(v.State); err != nil {
+				log.G(ctx).WithError(err).WithField("sandbox", v.State.ID).Warn("re-attach without the pod's annotations")
+			}
+		}
 		for id, ctr := range v.State.Containers {
 			rec := ctr.Task
 			if rec == nil {
@@ -124,7 +131,7 @@ func NewTasks(ctx context.Context, ctrl *Controller, events Publisher) *Tasks {
 			}
 			// Stopped ones too: the backend may still hold what a
 			// Delete releases (mounts, the guest's record).
-			c := containerOf(r, rec, ctr.Resources, v.State.Annotations)
+			c := containerOf(r, rec, ctr.Resources, podAnn)
 			c.Execs = execs
 			recover = append(recover, c)
 		}
@@ -138,6 +145,22 @@ func NewTasks(ctx context.Context, ctrl *Controller, events Publisher) *Tasks {
 		}
 	}
 	return t
+}
+
+// podAnnotations are the annotations of a sandbox's pod: a CRI pod's
+// from its PodSandboxConfig (State.Config: the state keeps them there
+// only), another caller's from its Create request (State.Annotations).
+func podAnnotations(st *State) (map[string]string, error) {
+	if len(st.Annotations) > 0 || len(st.Config) == 0 {
+		return st.Annotations, nil
+	}
+	var cfg struct {
+		Annotations map[string]string `json:"annotations"`
+	}
+	if err := json.Unmarshal(st.Config, &cfg); err != nil {
+		return nil, fmt.Errorf("sandbox %s: decode its pod sandbox config: %w", st.ID, err)
+	}
+	return cfg.Annotations, nil
 }
 
 // containerOf is the backend's view of a recorded task.

@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containerd/containerd/v2/core/sandbox"
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/stretchr/testify/assert"
@@ -75,4 +76,50 @@ func TestUsageSimulated(t *testing.T) {
 	require.NoError(t, c.Stop(ctx, "sb"))
 	_, _, err = c.Usage(ctx, "sb")
 	assert.True(t, errdefs.IsFailedPrecondition(err), "%v", err)
+}
+
+// TestPodAnnotationsReachContainers: what a simulated container does can
+// be set by its pod's annotations, keyed by its name, the only ones a
+// Kubernetes user sets: for a CRI pod they are in its PodSandboxConfig,
+// for another caller in the Create request. A regression test: once a
+// CRI pod's annotations were no longer kept in its state, its containers
+// saw none, and an init container named otherwise than init never
+// completed under kubelet.
+func TestPodAnnotationsReachContainers(t *testing.T) {
+	ctx := context.Background()
+	annotations := map[string]string{
+		slot.PodAnnotationExitAfter + "prepare": "10ms", slot.PodAnnotationExitCode + "prepare": "3",
+	}
+	for _, tc := range []struct {
+		desc string
+		opts []sandbox.CreateOpt
+	}{
+		{"PodSandboxConfig", []sandbox.CreateOpt{sandbox.WithOptions(podConfig(annotations, nil))}},
+		{"Create request", []sandbox.CreateOpt{sandbox.WithAnnotations(annotations)}},
+	} {
+		t.Run(tc.desc, func(t *testing.T) {
+			c := newTestController(t, Options{Root: t.TempDir(), Backend: slot.New()})
+			require.NoError(t, c.Create(ctx, sandbox.Sandbox{ID: "sb"}, tc.opts...))
+			_, err := c.Start(ctx, "sb")
+			require.NoError(t, err)
+			tasks := NewTasks(ctx, c, nil)
+			defer tasks.Close()
+			for _, name := range []string{"prepare", "app"} {
+				k := TaskKey{"k8s.io", name}
+				spec := &specs.Spec{Annotations: map[string]string{resourceinfo.AnnotationContainerName: name}}
+				_, err := tasks.Create(ctx, TaskSpec{Key: k, SandboxID: "sb", Spec: spec})
+				require.NoError(t, err)
+				_, err = tasks.Start(ctx, k, "")
+				require.NoError(t, err)
+			}
+			wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			defer cancel()
+			p, err := tasks.Wait(wctx, TaskKey{"k8s.io", "prepare"}, "")
+			require.NoError(t, err, "prepare completes through its pod's annotation")
+			assert.Equal(t, uint32(3), p.ExitStatus)
+			p, _, err = tasks.Process(TaskKey{"k8s.io", "app"}, "")
+			require.NoError(t, err)
+			assert.Equal(t, TaskRunning, p.Status, "app has no annotation: it runs on")
+		})
+	}
 }

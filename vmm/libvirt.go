@@ -170,6 +170,9 @@ func newBackend(ctx context.Context, cfg Config, opts Options, dial func() (lvCl
 	// Whole MiB: the kernel rounds memory limits to pages, libvirt
 	// reports what it set.
 	cfg.BootImages = (cfg.BootImages + mib - 1) / mib * mib
+	if err := checkGuestAgent(cfg); err != nil {
+		return nil, err
+	}
 	bgctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	b := &Backend{
 		cfg:       cfg,
