@@ -157,11 +157,11 @@ func newBackend(ctx context.Context, cfg Config, opts Options, dial func() (lvCl
 	cfg.BootImages = 0
 	for _, f := range []struct{ name, path string }{{"kernel", cfg.Kernel}, {"initrd", cfg.Initrd}, {"base disk", cfg.BaseDisk}} {
 		if f.path == "" {
-			return nil, fmt.Errorf("vm backend: no guest %s configured (set GuestDir; see scripts/build-guest.sh): %w", f.name, errdefs.ErrInvalidArgument)
+			return nil, fmt.Errorf("no guest %s configured (set GuestDir; see scripts/build-guest.sh): %w", f.name, errdefs.ErrInvalidArgument)
 		}
 		fi, err := os.Stat(f.path)
 		if err != nil {
-			return nil, fmt.Errorf("vm backend: guest %s: %w: %w", f.name, err, errdefs.ErrNotFound)
+			return nil, fmt.Errorf("guest %s: %w: %w", f.name, err, errdefs.ErrNotFound)
 		}
 		if f.path != cfg.BaseDisk {
 			cfg.BootImages += fi.Size()
@@ -204,7 +204,7 @@ func newBackend(ctx context.Context, cfg Config, opts Options, dial func() (lvCl
 		log.G(ctx).WithField("kvm", ok).WithField("reason", why).Infof("vm backend: using domain type %q", b.cfg.DomainType)
 	default:
 		cancel()
-		return nil, fmt.Errorf("vm backend: accel %q: %w", cfg.Accel, errdefs.ErrInvalidArgument)
+		return nil, fmt.Errorf("accel %q: %w", cfg.Accel, errdefs.ErrInvalidArgument)
 	}
 	b.wg.Add(1)
 	go func() {
