@@ -19,6 +19,7 @@ import (
 	"github.com/stretchr/testify/require"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/backend"
 	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
 	"github.com/kuasar-io/resource-slot-sandboxer/slot"
 )
@@ -31,6 +32,7 @@ type faultyBackend struct {
 	failOn  map[string]error
 	calls   map[string]int
 	updates []resourceinfo.ResourceInfo
+	pods    []backend.Pod // what Create got
 	// dead makes Recover report every sandbox gone.
 	dead bool
 }
@@ -62,11 +64,14 @@ func (f *faultyBackend) waitCalls(t *testing.T, op string, n int) {
 	}, 10*time.Second, time.Millisecond)
 }
 
-func (f *faultyBackend) Create(ctx context.Context, id, dir string, info resourceinfo.ResourceInfo) error {
+func (f *faultyBackend) Create(ctx context.Context, id, dir string, info resourceinfo.ResourceInfo, pod backend.Pod) error {
 	if err := f.err("create"); err != nil {
 		return err
 	}
-	return f.Backend.Create(ctx, id, dir, info)
+	f.mu.Lock()
+	f.pods = append(f.pods, pod)
+	f.mu.Unlock()
+	return f.Backend.Create(ctx, id, dir, info, pod)
 }
 
 func (f *faultyBackend) Start(ctx context.Context, id string, exited ExitFunc) (uint32, error) {
@@ -112,6 +117,11 @@ func podConfig(annotations map[string]string, linux *runtime.LinuxContainerResou
 	if linux != nil {
 		cfg.Linux = &runtime.LinuxPodSandboxConfig{Resources: linux}
 	}
+	return cfg
+}
+
+func withPod(cfg *runtime.PodSandboxConfig, f func(*runtime.PodSandboxConfig)) *runtime.PodSandboxConfig {
+	f(cfg)
 	return cfg
 }
 
@@ -267,6 +277,13 @@ func TestCreateInvalidLeavesNothing(t *testing.T) {
 		{"unicode digits", podConfig(map[string]string{resourceinfo.AnnotationCPULimit: "٢"}, nil), []string{resourceinfo.AnnotationCPULimit}},
 		{"NaN", podConfig(map[string]string{resourceinfo.AnnotationCPULimit: "NaN"}, nil), []string{resourceinfo.AnnotationCPULimit, "NaN"}},
 		{"negative shares", podConfig(nil, &runtime.LinuxContainerResources{CpuShares: -5}), []string{"linux.resources.cpu_shares"}},
+		{"hostname with a newline", withPod(podConfig(nil, nil), func(c *runtime.PodSandboxConfig) { c.Hostname = "h\n127.0.0.1 evil" }), []string{"hostname"}},
+		{"dns server with a newline", withPod(podConfig(nil, nil), func(c *runtime.PodSandboxConfig) {
+			c.DnsConfig = &runtime.DNSConfig{Servers: []string{"8.8.8.8\nnameserver 6.6.6.6" + strings.Repeat("x", 1<<20)}}
+		}), []string{"dns_config.servers[0]"}},
+		{"sysctl traversal", withPod(podConfig(nil, nil), func(c *runtime.PodSandboxConfig) {
+			c.Linux = &runtime.LinuxPodSandboxConfig{Sysctls: map[string]string{"net/../../etc/" + strings.Repeat("x", 200): "1"}}
+		}), []string{"linux.sysctls"}},
 	} {
 		t.Run(tc.desc, func(t *testing.T) {
 			root := t.TempDir()
@@ -283,6 +300,34 @@ func TestCreateInvalidLeavesNothing(t *testing.T) {
 			assert.True(t, errdefs.IsNotFound(err))
 		})
 	}
+}
+
+// The backend gets the pod's hostname, DNS and sysctls from the
+// PodSandboxConfig, and a zero Pod from a client that sends none.
+func TestCreatePassesThePod(t *testing.T) {
+	ctx := context.Background()
+	b := newFaulty()
+	c := newController(t, t.TempDir(), b)
+	cfg := podConfig(nil, nil)
+	cfg.Hostname = "test-hostname"
+	cfg.DnsConfig = &runtime.DNSConfig{Servers: []string{"8.8.8.8"}, Searches: []string{"google.com"}, Options: []string{"timeout:1"}}
+	cfg.Linux = &runtime.LinuxPodSandboxConfig{Sysctls: map[string]string{"kernel.shm_rmid_forced": "1"}}
+	require.NoError(t, create(ctx, c, "sb1", cfg))
+	require.NoError(t, create(ctx, c, "sb2", nil))
+	require.NoError(t, c.CreatePod(ctx, "sb3", podConfig(nil, nil)))
+	b.mu.Lock()
+	pods := b.pods
+	b.mu.Unlock()
+	assert.Equal(t, []backend.Pod{{
+		Hostname: "test-hostname",
+		DNS:      &backend.DNS{Servers: []string{"8.8.8.8"}, Searches: []string{"google.com"}, Options: []string{"timeout:1"}},
+		Sysctls:  map[string]string{"kernel.shm_rmid_forced": "1"},
+	}, {}, {}}, pods)
+	// A copy: the backend may keep it.
+	cfg.DnsConfig.Servers[0] = "x"
+	cfg.Linux.Sysctls["kernel.shm_rmid_forced"] = "0"
+	assert.Equal(t, "8.8.8.8", pods[0].DNS.Servers[0])
+	assert.Equal(t, "1", pods[0].Sysctls["kernel.shm_rmid_forced"])
 }
 
 func TestBackendFailureRollsBack(t *testing.T) {

@@ -133,6 +133,7 @@ func (b *Backend) setupGuest(ctx context.Context, sb *sandbox, g *guestConn, pr 
 		cctx, cancel := context.WithTimeout(ctx, callTimeout)
 		_, err = agent.SetupSandbox(cctx, &api.SetupSandboxRequest{
 			SandboxId: sb.id, Resources: pr, SharedTag: b.cfg.SharedTag, Namespaces: GuestNamespaces,
+			Hostname: sb.pod.Hostname, Sysctls: sb.pod.Sysctls,
 		})
 		cancel()
 		if err != nil {
@@ -606,6 +607,13 @@ func (b *Backend) Recover(ctx context.Context, id, dir string, info resourceinfo
 	if d, err := DomainFor(id, dir, info, b.cfg); err == nil {
 		sb.live = d.SplitLive()
 	}
+	if rec, err := readPodRecord(dir); err != nil {
+		// The guest of a later Start gets no hostname or sysctls; the
+		// pod's files are on disk still.
+		logger.WithError(err).Warn("vm sandbox: unreadable pod record")
+	} else {
+		sb.pod = rec
+	}
 	l, err := b.lv()
 	if err != nil {
 		return false, err
@@ -615,7 +623,7 @@ func (b *Backend) Recover(ctx context.Context, id, dir string, info resourceinfo
 	if old, err := b.get(id); err == nil {
 		// Recovered before (a retry): keep the record, with its containers.
 		b.mu.Lock()
-		old.info, old.live = sb.info, sb.live
+		old.info, old.live, old.pod = sb.info, sb.live, sb.pod
 		b.mu.Unlock()
 		sb = old
 	} else {
