@@ -33,6 +33,8 @@ type faultyBackend struct {
 	calls   map[string]int
 	updates []resourceinfo.ResourceInfo
 	pods    []backend.Pod // what Create got
+	// startHook, when set, runs in Start and fails it with its error.
+	startHook func(ctx context.Context) error
 	// dead makes Recover report every sandbox gone.
 	dead bool
 }
@@ -78,7 +80,24 @@ func (f *faultyBackend) Start(ctx context.Context, id string, exited ExitFunc) (
 	if err := f.err("start"); err != nil {
 		return 0, err
 	}
+	if f.startHook != nil {
+		if err := f.startHook(ctx); err != nil {
+			return 0, err
+		}
+	}
 	return f.Backend.Start(ctx, id, exited)
+}
+
+// Delete fails as a backend does whose cleanup needs a live context (a
+// command, a guest call), and records that it was called.
+func (f *faultyBackend) Delete(ctx context.Context, id string) error {
+	if err := f.err("delete"); err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("delete %s: %w", id, err)
+	}
+	return f.Backend.Delete(ctx, id)
 }
 
 func (f *faultyBackend) Update(ctx context.Context, id string, info resourceinfo.ResourceInfo) error {
@@ -330,6 +349,57 @@ func TestCreatePassesThePod(t *testing.T) {
 	assert.Equal(t, "1", pods[0].Sysctls["kernel.shm_rmid_forced"])
 }
 
+// A start that fails, or that its caller cancels (crictl runp timing out
+// while a VM boots), removes the sandbox and what the backend holds for
+// it: containerd does not ask for a ShutdownSandbox after a failed
+// StartSandbox. Its cleanup does not use the cancelled context. A later
+// Shutdown is NotFound (containerd takes it for done). When the removal
+// fails, the sandbox stays for a Shutdown.
+func TestFailedStartRemovesTheSandbox(t *testing.T) {
+	root := t.TempDir()
+	b := newFaulty()
+	c := newController(t, root, b)
+	cancelled, cancel := context.WithCancel(context.Background())
+	b.startHook = func(ctx context.Context) error {
+		cancel() // the client gives up while the VM boots
+		<-ctx.Done()
+		return fmt.Errorf("waiting for the guest: %w", ctx.Err())
+	}
+	ctx := context.Background()
+	require.NoError(t, create(ctx, c, "sb", podConfig(map[string]string{resourceinfo.AnnotationCPULimit: "1"}, nil)))
+	_, err := c.Start(cancelled, "sb")
+	require.ErrorIs(t, err, context.Canceled)
+	b.mu.Lock()
+	deletes := b.calls["delete"]
+	b.mu.Unlock()
+	assert.Equal(t, 1, deletes, "the backend's sandbox is deleted")
+	_, err = c.Status(ctx, "sb", false)
+	assert.True(t, errdefs.IsNotFound(err), "%v", err)
+	assert.Empty(t, sandboxDirs(t, root), "no directory left")
+	assert.Empty(t, c.List())
+	assert.True(t, errdefs.IsNotFound(c.Shutdown(ctx, "sb")), "a later Shutdown is NotFound")
+	// The ID can be used again.
+	b.startHook = nil
+	require.NoError(t, create(ctx, c, "sb", nil))
+	_, err = c.Start(ctx, "sb")
+	require.NoError(t, err)
+	require.NoError(t, c.Shutdown(ctx, "sb"))
+
+	// The removal fails: the sandbox stays created, and Shutdown removes
+	// it later.
+	require.NoError(t, create(ctx, c, "sb2", nil))
+	b.fail("start", errors.New("boom"))
+	b.fail("delete", errors.New("libvirtd away"))
+	_, err = c.Start(ctx, "sb2")
+	require.Error(t, err)
+	st, err := c.Status(ctx, "sb2", false)
+	require.NoError(t, err)
+	assert.Equal(t, StateNotReady, st.State)
+	b.fail("delete", nil)
+	require.NoError(t, c.Shutdown(ctx, "sb2"))
+	assert.Empty(t, sandboxDirs(t, root))
+}
+
 func TestBackendFailureRollsBack(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
@@ -345,10 +415,11 @@ func TestBackendFailureRollsBack(t *testing.T) {
 	b.fail("start", errors.New("boom"))
 	_, err := c.Start(ctx, "sb")
 	require.Error(t, err)
-	st, err := c.Status(ctx, "sb", false)
-	require.NoError(t, err)
-	assert.Equal(t, StateNotReady, st.State, "failed start keeps the sandbox created")
+	_, err = c.Status(ctx, "sb", false)
+	assert.True(t, errdefs.IsNotFound(err), "a failed start removes the sandbox: %v", err)
+	assert.Empty(t, sandboxDirs(t, root), "failed start leaves no directory")
 	b.fail("start", nil)
+	require.NoError(t, create(ctx, c, "sb", nil))
 	_, err = c.Start(ctx, "sb")
 	require.NoError(t, err)
 

@@ -88,9 +88,12 @@ func (b *Backend) Start(ctx context.Context, id string, exited ExitFunc) (_ uint
 	}
 	defer func() {
 		if retErr != nil {
+			// Often the start's context ended it: the cleanup's must not
+			// (tc runs as a command of it).
+			cctx := context.WithoutCancel(ctx)
 			b.guestGone(sb)
-			b.destroy(ctx, l, dom)
-			b.unshape(ctx, sb)
+			b.destroy(cctx, l, dom)
+			b.unshape(cctx, sb)
 		}
 	}()
 	if err := b.applyLiveMemory(l, dom, sb.live); err != nil {
