@@ -61,9 +61,11 @@ type Backend interface {
 // Sandboxes realizes sandboxes.
 type Sandboxes interface {
 	// Create prepares a sandbox. dir is its own state directory, already
-	// created; the backend may keep files there. Create must leave nothing
+	// created; the backend may keep files there. pod is what the backend
+	// needs of the pod's configuration (validated); a backend that needs
+	// it after a restart keeps it itself. Create must leave nothing
 	// behind when it fails.
-	Create(ctx context.Context, id, dir string, info resourceinfo.ResourceInfo) error
+	Create(ctx context.Context, id, dir string, info resourceinfo.ResourceInfo, pod Pod) error
 	// Start runs a created sandbox and returns when it is ready to run
 	// containers. exited is called at most once, from any goroutine, if
 	// the sandbox stops without Stop having been called (a VM crash, a

@@ -161,7 +161,8 @@ func (s *Service) RunPodSandbox(ctx context.Context, req *runtime.RunPodSandboxR
 		return nil, toGRPC(ctx, "RunPodSandbox", err)
 	}
 	if _, err := s.ctrl.Start(ctx, id); err != nil {
-		if serr := s.ctrl.Shutdown(context.WithoutCancel(ctx), id); serr != nil {
+		// The controller removed it already unless that failed.
+		if serr := s.ctrl.Shutdown(context.WithoutCancel(ctx), id); serr != nil && !errdefs.IsNotFound(serr) {
 			log.G(ctx).WithError(serr).Warn("remove pod that did not start")
 		}
 		return nil, toGRPC(ctx, "RunPodSandbox", err)

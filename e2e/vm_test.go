@@ -409,3 +409,82 @@ func restartWithContainers(t *testing.T, sig syscall.Signal, id, burner, ticker 
 		time.Sleep(time.Second)
 	}
 }
+
+// sandboxDirs lists the sandbox directories of a state directory (not
+// its own entries, which start with a dot).
+func sandboxDirs(t *testing.T, dir string) []string {
+	t.Helper()
+	ents, err := os.ReadDir(dir)
+	require.NoError(t, err)
+	var out []string
+	for _, e := range ents {
+		if e.IsDir() && !strings.HasPrefix(e.Name(), ".") {
+			out = append(out, e.Name())
+		}
+	}
+	return out
+}
+
+// TestVMRunpCancelled: a crictl runp whose client gives up while the VM
+// boots (containerd cancels the StartSandbox it was making) leaves no
+// domain and no sandbox directory, and the pod, if containerd still lists
+// it, is removed by rmp. containerd rolls back a sandbox whose
+// StartSandbox failed without asking the controller to shut it down, so
+// the controller must.
+func TestVMRunpCancelled(t *testing.T) {
+	needVM(t)
+	domains := func() map[string]bool {
+		m := map[string]bool{}
+		for _, n := range strings.Fields(virsh(t, "list", "--all", "--name")) {
+			m[n] = true
+		}
+		return m
+	}
+	before := domains()
+	dirsBefore := sandboxDirs(t, h.VMStateDir())
+	// The last --timeout wins over the harness's 30 s; a TCG guest takes
+	// 5-10 s to boot.
+	out, err := h.crictl("--timeout", "2s", "runp", "--runtime", "resource-vm", writeJSON(t, podConfig("vm-cancelled", nil, nil)))
+	require.Error(t, err, "runp did not time out: %s", out)
+	t.Logf("runp: %v", err)
+	var left []string
+	leftover := func() bool {
+		left = nil
+		for n := range domains() {
+			// Only this harness's daemon's: other tests share libvirtd.
+			if x, err := exec.Command("virsh", "-c", "qemu:///system", "dumpxml", n).Output(); err == nil &&
+				!before[n] && strings.Contains(string(x), h.VMStateDir()+"/") {
+				left = append(left, "domain "+n)
+			}
+		}
+		for _, d := range sandboxDirs(t, h.VMStateDir()) {
+			if !slicesContains(dirsBefore, d) {
+				left = append(left, "directory "+d)
+			}
+		}
+		return len(left) > 0
+	}
+	// The start goes on in the daemon until it sees the cancellation;
+	// then nothing may stay.
+	deadline := time.Now().Add(2 * time.Minute)
+	for leftover() && time.Now().Before(deadline) {
+		time.Sleep(time.Second)
+	}
+	assert.Empty(t, left, "a cancelled runp left these behind")
+	// What containerd still lists of it goes with rmp.
+	pods, err := h.crictl("pods", "-q", "--name", "vm-cancelled")
+	require.NoError(t, err)
+	for _, id := range strings.Fields(pods) {
+		h.mustCrictl(t, "stopp", id)
+		h.mustCrictl(t, "rmp", id)
+	}
+}
+
+func slicesContains(l []string, s string) bool {
+	for _, x := range l {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}

@@ -19,6 +19,7 @@ import (
 	"github.com/stretchr/testify/require"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/backend"
 	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
 	"github.com/kuasar-io/resource-slot-sandboxer/slot"
 )
@@ -31,6 +32,9 @@ type faultyBackend struct {
 	failOn  map[string]error
 	calls   map[string]int
 	updates []resourceinfo.ResourceInfo
+	pods    []backend.Pod // what Create got
+	// startHook, when set, runs in Start and fails it with its error.
+	startHook func(ctx context.Context) error
 	// dead makes Recover report every sandbox gone.
 	dead bool
 }
@@ -62,18 +66,38 @@ func (f *faultyBackend) waitCalls(t *testing.T, op string, n int) {
 	}, 10*time.Second, time.Millisecond)
 }
 
-func (f *faultyBackend) Create(ctx context.Context, id, dir string, info resourceinfo.ResourceInfo) error {
+func (f *faultyBackend) Create(ctx context.Context, id, dir string, info resourceinfo.ResourceInfo, pod backend.Pod) error {
 	if err := f.err("create"); err != nil {
 		return err
 	}
-	return f.Backend.Create(ctx, id, dir, info)
+	f.mu.Lock()
+	f.pods = append(f.pods, pod)
+	f.mu.Unlock()
+	return f.Backend.Create(ctx, id, dir, info, pod)
 }
 
 func (f *faultyBackend) Start(ctx context.Context, id string, exited ExitFunc) (uint32, error) {
 	if err := f.err("start"); err != nil {
 		return 0, err
 	}
+	if f.startHook != nil {
+		if err := f.startHook(ctx); err != nil {
+			return 0, err
+		}
+	}
 	return f.Backend.Start(ctx, id, exited)
+}
+
+// Delete fails as a backend does whose cleanup needs a live context (a
+// command, a guest call), and records that it was called.
+func (f *faultyBackend) Delete(ctx context.Context, id string) error {
+	if err := f.err("delete"); err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("delete %s: %w", id, err)
+	}
+	return f.Backend.Delete(ctx, id)
 }
 
 func (f *faultyBackend) Update(ctx context.Context, id string, info resourceinfo.ResourceInfo) error {
@@ -112,6 +136,11 @@ func podConfig(annotations map[string]string, linux *runtime.LinuxContainerResou
 	if linux != nil {
 		cfg.Linux = &runtime.LinuxPodSandboxConfig{Resources: linux}
 	}
+	return cfg
+}
+
+func withPod(cfg *runtime.PodSandboxConfig, f func(*runtime.PodSandboxConfig)) *runtime.PodSandboxConfig {
+	f(cfg)
 	return cfg
 }
 
@@ -267,6 +296,13 @@ func TestCreateInvalidLeavesNothing(t *testing.T) {
 		{"unicode digits", podConfig(map[string]string{resourceinfo.AnnotationCPULimit: "٢"}, nil), []string{resourceinfo.AnnotationCPULimit}},
 		{"NaN", podConfig(map[string]string{resourceinfo.AnnotationCPULimit: "NaN"}, nil), []string{resourceinfo.AnnotationCPULimit, "NaN"}},
 		{"negative shares", podConfig(nil, &runtime.LinuxContainerResources{CpuShares: -5}), []string{"linux.resources.cpu_shares"}},
+		{"hostname with a newline", withPod(podConfig(nil, nil), func(c *runtime.PodSandboxConfig) { c.Hostname = "h\n127.0.0.1 evil" }), []string{"hostname"}},
+		{"dns server with a newline", withPod(podConfig(nil, nil), func(c *runtime.PodSandboxConfig) {
+			c.DnsConfig = &runtime.DNSConfig{Servers: []string{"8.8.8.8\nnameserver 6.6.6.6" + strings.Repeat("x", 1<<20)}}
+		}), []string{"dns_config.servers[0]"}},
+		{"sysctl traversal", withPod(podConfig(nil, nil), func(c *runtime.PodSandboxConfig) {
+			c.Linux = &runtime.LinuxPodSandboxConfig{Sysctls: map[string]string{"net/../../etc/" + strings.Repeat("x", 200): "1"}}
+		}), []string{"linux.sysctls"}},
 	} {
 		t.Run(tc.desc, func(t *testing.T) {
 			root := t.TempDir()
@@ -285,6 +321,85 @@ func TestCreateInvalidLeavesNothing(t *testing.T) {
 	}
 }
 
+// The backend gets the pod's hostname, DNS and sysctls from the
+// PodSandboxConfig, and a zero Pod from a client that sends none.
+func TestCreatePassesThePod(t *testing.T) {
+	ctx := context.Background()
+	b := newFaulty()
+	c := newController(t, t.TempDir(), b)
+	cfg := podConfig(nil, nil)
+	cfg.Hostname = "test-hostname"
+	cfg.DnsConfig = &runtime.DNSConfig{Servers: []string{"8.8.8.8"}, Searches: []string{"google.com"}, Options: []string{"timeout:1"}}
+	cfg.Linux = &runtime.LinuxPodSandboxConfig{Sysctls: map[string]string{"kernel.shm_rmid_forced": "1"}}
+	require.NoError(t, create(ctx, c, "sb1", cfg))
+	require.NoError(t, create(ctx, c, "sb2", nil))
+	require.NoError(t, c.CreatePod(ctx, "sb3", podConfig(nil, nil)))
+	b.mu.Lock()
+	pods := b.pods
+	b.mu.Unlock()
+	assert.Equal(t, []backend.Pod{{
+		Hostname: "test-hostname",
+		DNS:      &backend.DNS{Servers: []string{"8.8.8.8"}, Searches: []string{"google.com"}, Options: []string{"timeout:1"}},
+		Sysctls:  map[string]string{"kernel.shm_rmid_forced": "1"},
+	}, {}, {}}, pods)
+	// A copy: the backend may keep it.
+	cfg.DnsConfig.Servers[0] = "x"
+	cfg.Linux.Sysctls["kernel.shm_rmid_forced"] = "0"
+	assert.Equal(t, "8.8.8.8", pods[0].DNS.Servers[0])
+	assert.Equal(t, "1", pods[0].Sysctls["kernel.shm_rmid_forced"])
+}
+
+// A start that fails, or that its caller cancels (crictl runp timing out
+// while a VM boots), removes the sandbox and what the backend holds for
+// it: containerd does not ask for a ShutdownSandbox after a failed
+// StartSandbox. Its cleanup does not use the cancelled context. A later
+// Shutdown is NotFound (containerd takes it for done). When the removal
+// fails, the sandbox stays for a Shutdown.
+func TestFailedStartRemovesTheSandbox(t *testing.T) {
+	root := t.TempDir()
+	b := newFaulty()
+	c := newController(t, root, b)
+	cancelled, cancel := context.WithCancel(context.Background())
+	b.startHook = func(ctx context.Context) error {
+		cancel() // the client gives up while the VM boots
+		<-ctx.Done()
+		return fmt.Errorf("waiting for the guest: %w", ctx.Err())
+	}
+	ctx := context.Background()
+	require.NoError(t, create(ctx, c, "sb", podConfig(map[string]string{resourceinfo.AnnotationCPULimit: "1"}, nil)))
+	_, err := c.Start(cancelled, "sb")
+	require.ErrorIs(t, err, context.Canceled)
+	b.mu.Lock()
+	deletes := b.calls["delete"]
+	b.mu.Unlock()
+	assert.Equal(t, 1, deletes, "the backend's sandbox is deleted")
+	_, err = c.Status(ctx, "sb", false)
+	assert.True(t, errdefs.IsNotFound(err), "%v", err)
+	assert.Empty(t, sandboxDirs(t, root), "no directory left")
+	assert.Empty(t, c.List())
+	assert.True(t, errdefs.IsNotFound(c.Shutdown(ctx, "sb")), "a later Shutdown is NotFound")
+	// The ID can be used again.
+	b.startHook = nil
+	require.NoError(t, create(ctx, c, "sb", nil))
+	_, err = c.Start(ctx, "sb")
+	require.NoError(t, err)
+	require.NoError(t, c.Shutdown(ctx, "sb"))
+
+	// The removal fails: the sandbox stays created, and Shutdown removes
+	// it later.
+	require.NoError(t, create(ctx, c, "sb2", nil))
+	b.fail("start", errors.New("boom"))
+	b.fail("delete", errors.New("libvirtd away"))
+	_, err = c.Start(ctx, "sb2")
+	require.Error(t, err)
+	st, err := c.Status(ctx, "sb2", false)
+	require.NoError(t, err)
+	assert.Equal(t, StateNotReady, st.State)
+	b.fail("delete", nil)
+	require.NoError(t, c.Shutdown(ctx, "sb2"))
+	assert.Empty(t, sandboxDirs(t, root))
+}
+
 func TestBackendFailureRollsBack(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
@@ -300,10 +415,11 @@ func TestBackendFailureRollsBack(t *testing.T) {
 	b.fail("start", errors.New("boom"))
 	_, err := c.Start(ctx, "sb")
 	require.Error(t, err)
-	st, err := c.Status(ctx, "sb", false)
-	require.NoError(t, err)
-	assert.Equal(t, StateNotReady, st.State, "failed start keeps the sandbox created")
+	_, err = c.Status(ctx, "sb", false)
+	assert.True(t, errdefs.IsNotFound(err), "a failed start removes the sandbox: %v", err)
+	assert.Empty(t, sandboxDirs(t, root), "failed start leaves no directory")
 	b.fail("start", nil)
+	require.NoError(t, create(ctx, c, "sb", nil))
 	_, err = c.Start(ctx, "sb")
 	require.NoError(t, err)
 

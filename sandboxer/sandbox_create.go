@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"time"
 
@@ -14,6 +16,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/backend"
 	"github.com/kuasar-io/resource-slot-sandboxer/internal/logsafe"
 	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
 )
@@ -50,6 +53,10 @@ func (c *Controller) CreatePod(ctx context.Context, id string, cfg *runtime.PodS
 
 func (c *Controller) create(ctx context.Context, id string, cfg *runtime.PodSandboxConfig, o sandbox.CreateOptions) (retErr error) {
 	if err := validatePodConfig(cfg); err != nil {
+		return err
+	}
+	pod := PodOf(cfg)
+	if err := pod.Validate(); err != nil {
 		return err
 	}
 	spec, err := resourceinfo.FromPodSandboxConfig(cfg)
@@ -129,7 +136,7 @@ func (c *Controller) create(ctx context.Context, id string, cfg *runtime.PodSand
 			}
 		}
 	}()
-	if err := c.opts.Backend.Create(ctx, id, dir, ri); err != nil {
+	if err := c.opts.Backend.Create(ctx, id, dir, ri, pod); err != nil {
 		return fmt.Errorf("%s backend: create sandbox %s: %w", c.Mode(), id, err)
 	}
 	defer func() {
@@ -146,6 +153,25 @@ func (c *Controller) create(ctx context.Context, id string, cfg *runtime.PodSand
 	}
 	logResources(ctx, "sandbox created", ri, riData)
 	return nil
+}
+
+// PodOf is what a backend needs of a pod's config (nil: none, a caller
+// other than CRI): its hostname, DNS configuration and sysctls, copied.
+func PodOf(cfg *runtime.PodSandboxConfig) backend.Pod {
+	var p backend.Pod
+	if cfg == nil {
+		return p
+	}
+	p.Hostname = cfg.GetHostname()
+	if d := cfg.GetDnsConfig(); d != nil {
+		p.DNS = &backend.DNS{
+			Servers:  slices.Clone(d.GetServers()),
+			Searches: slices.Clone(d.GetSearches()),
+			Options:  slices.Clone(d.GetOptions()),
+		}
+	}
+	p.Sysctls = maps.Clone(cfg.GetLinux().GetSysctls())
+	return p
 }
 
 // podSandboxConfig decodes the CRI config containerd passes as options. A

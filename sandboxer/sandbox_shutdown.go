@@ -14,6 +14,16 @@ func (c *Controller) Shutdown(ctx context.Context, id string) error {
 		return err
 	}
 	defer unlock()
+	if err := c.shutdownLocked(ctx, sb); err != nil {
+		return err
+	}
+	log.G(ctx).Info("sandbox shut down")
+	return nil
+}
+
+// shutdownLocked is Shutdown with the sandbox's operation lock held.
+func (c *Controller) shutdownLocked(ctx context.Context, sb *sandboxEntry) error {
+	id := sb.id
 	if err := c.stopLocked(ctx, sb, 0, 0); err != nil {
 		return err
 	}
@@ -27,7 +37,6 @@ func (c *Controller) Shutdown(ctx context.Context, id string) error {
 	c.forget(id, sb)
 	c.opts.Admitter.Release(id)
 	c.notifyTasks(id)
-	log.G(ctx).Info("sandbox shut down")
 	return nil
 }
 

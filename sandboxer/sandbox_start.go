@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	goruntime "runtime"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/sandbox"
 	"github.com/containerd/errdefs"
@@ -26,7 +27,9 @@ func (c *Controller) Start(ctx context.Context, id string) (sandbox.ControllerIn
 	}
 	pid, err := c.opts.Backend.Start(ctx, id, c.exitFunc(sb))
 	if err != nil {
-		return sandbox.ControllerInstance{}, fmt.Errorf("%s backend: start sandbox %s: %w", c.Mode(), id, err)
+		err = fmt.Errorf("%s backend: start sandbox %s: %w", c.Mode(), id, err)
+		c.rollbackStart(ctx, sb, err)
+		return sandbox.ControllerInstance{}, err
 	}
 	st := cur.clone()
 	now := c.opts.Now().UTC()
@@ -48,6 +51,28 @@ func (c *Controller) Start(ctx context.Context, id string) (sandbox.ControllerIn
 		Version:   TaskAPIVersion,
 		Labels:    map[string]string{"mode": c.Mode()},
 	}, nil
+}
+
+// startCleanupTimeout bounds the removal of a sandbox whose start failed.
+const startCleanupTimeout = 2 * time.Minute
+
+// rollbackStart removes a sandbox whose start failed, with everything the
+// backend holds for it (a VM's domain, disk and files). containerd's CRI
+// asks for no ShutdownSandbox after a failed StartSandbox (its rollback
+// is registered after the start succeeds) and forgets the sandbox: kept,
+// it would stay until CollectCreated. The start's context is often what
+// ended it (a client that gave up while a VM booted), so the removal has
+// a context of its own. A later Shutdown of the ID is NotFound, which
+// containerd takes for done. When the removal fails the sandbox stays
+// created, for a Shutdown or the collector.
+func (c *Controller) rollbackStart(ctx context.Context, sb *sandboxEntry, cause error) {
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), startCleanupTimeout)
+	defer cancel()
+	if err := c.shutdownLocked(cctx, sb); err != nil {
+		log.G(ctx).WithError(err).WithField("start_error", cause.Error()).Warn("remove sandbox that failed to start; it stays created")
+		return
+	}
+	log.G(ctx).WithField("start_error", cause.Error()).Info("sandbox that failed to start removed")
 }
 
 // Platform is the platform the sandbox's containers run on.

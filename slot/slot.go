@@ -64,7 +64,8 @@ type sandbox struct {
 }
 
 // Create keeps the sandbox's resources; the controller persists it.
-func (b *Backend) Create(_ context.Context, id, _ string, info resourceinfo.ResourceInfo) error {
+// The pod's hostname, DNS and sysctls mean nothing to a simulation.
+func (b *Backend) Create(_ context.Context, id, _ string, info resourceinfo.ResourceInfo, _ backend.Pod) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.sandboxes[id] = &sandbox{info: info}

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/backend"
 	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
 )
 
@@ -49,7 +50,7 @@ func BenchmarkCreateToReady(b *testing.B) {
 			id := fmt.Sprintf("bench-%d-%d", os.Getpid(), i)
 			dir := b.TempDir()
 			start := time.Now()
-			if err := be.Create(ctx, id, dir, info); err != nil {
+			if err := be.Create(ctx, id, dir, info, backend.Pod{}); err != nil {
 				b.Fatal(err)
 			}
 			if _, err := be.Start(ctx, id, func(uint32, time.Time) {}); err != nil {

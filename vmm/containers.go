@@ -162,7 +162,9 @@ func (c *containers) Create(ctx context.Context, k *backend.Container) (_ backen
 		return backend.Created{}, err
 	}
 
-	binds, idx := sharedBinds(k.Spec)
+	// The pod's /etc files, as containerd binds them for a runc pod.
+	hostSpec := withPodFiles(k.Spec, sb.dir)
+	binds, idx := sharedBinds(hostSpec)
 	rootfs := make([]mount.Mount, 0, len(k.Rootfs))
 	for _, m := range k.Rootfs {
 		rootfs = append(rootfs, mount.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
@@ -186,7 +188,7 @@ func (c *containers) Create(ctx context.Context, k *backend.Container) (_ backen
 			logger.WithError(err).Warn("unmount the files of a container that failed to create")
 		}
 	}()
-	gs, err := guestSpec(k.Spec, p.ContainerID, prep, idx)
+	gs, err := guestSpec(hostSpec, p.ContainerID, prep, idx)
 	if err != nil {
 		return backend.Created{}, err
 	}

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -154,11 +155,17 @@ func podInfo() resourceinfo.ResourceInfo {
 // sandbox creates and starts sandbox id with its own fake agent.
 func (e *unitEnv) sandbox(id string) (string, *fakeAgent, *exitRec) {
 	e.t.Helper()
+	return e.sandboxPod(id, backend.Pod{})
+}
+
+// sandboxPod is sandbox of a pod with that configuration.
+func (e *unitEnv) sandboxPod(id string, pod backend.Pod) (string, *fakeAgent, *exitRec) {
+	e.t.Helper()
 	dir := e.t.TempDir()
 	a := newFakeAgent(e.t)
 	e.agents.Store(dir, a)
 	ctx := context.Background()
-	require.NoError(e.t, e.b.Create(ctx, id, dir, podInfo()))
+	require.NoError(e.t, e.b.Create(ctx, id, dir, podInfo(), pod))
 	x := &exitRec{}
 	_, err := e.b.Start(ctx, id, x.fn)
 	require.NoError(e.t, err)
@@ -698,7 +705,7 @@ func TestQemuImgErrors(t *testing.T) {
 				require.NoError(t, os.WriteFile(bin, []byte("#!/bin/sh\n"+tc.script+"\n"), 0o755))
 			}
 			e.b.opts.QEMUImg = bin
-			err := e.b.Create(ctx, "q1", t.TempDir(), podInfo())
+			err := e.b.Create(ctx, "q1", t.TempDir(), podInfo(), backend.Pod{})
 			require.Error(t, err)
 			assert.True(t, tc.is(err), "%v", err)
 			assert.False(t, errdefs.IsInvalidArgument(err), "%v", err)
@@ -797,7 +804,7 @@ func TestStartFailureUnmounts(t *testing.T) {
 		t.Run(fail, func(t *testing.T) {
 			dir := t.TempDir()
 			id := "sb-" + strings.ToLower(fail)
-			require.NoError(t, e.b.Create(ctx, id, dir, podInfo()))
+			require.NoError(t, e.b.Create(ctx, id, dir, podInfo(), backend.Pod{}))
 			t.Cleanup(func() { _ = e.b.Delete(context.Background(), id) })
 			e.lv.failOnce(fail, libvirt.Error{Code: uint32(libvirt.ErrInternalError), Message: "boom"})
 			_, err := e.b.Start(ctx, id, func(uint32, time.Time) {})
@@ -815,7 +822,7 @@ func TestCleanupOnlyOwnDomains(t *testing.T) {
 	e := newUnitEnv(t)
 	ctx := context.Background()
 	dir := t.TempDir()
-	require.NoError(t, e.b.Create(ctx, "mine", dir, podInfo()))
+	require.NoError(t, e.b.Create(ctx, "mine", dir, podInfo(), backend.Pod{}))
 	other := e.b.cfg
 	other.Owner = "/var/lib/another-daemon"
 	d, err := DomainFor("theirs", t.TempDir(), podInfo(), other)
@@ -828,4 +835,122 @@ func TestCleanupOnlyOwnDomains(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, []string{"mine"}, removed)
 	assert.NotNil(t, e.lv.get(DomainName("rss-unit-", "theirs")), "another daemon's domain is left alone")
+}
+
+// The pod's hostname and sysctls reach SetupSandbox, also after a
+// restart; its /etc files are bound into each container unless the
+// container mounts its own, read-only with a read-only root; Delete
+// removes them; a pod the guest would refuse is refused on Create.
+func TestPodConfigReachesTheGuest(t *testing.T) {
+	fakeHost(t, "node-1")
+	e := newUnitEnv(t)
+	ctx := context.Background()
+	pod := backend.Pod{
+		Hostname: "test-hostname",
+		DNS:      &backend.DNS{Servers: []string{"8.8.8.8"}, Searches: []string{"google.com"}, Options: []string{"timeout:1"}},
+		Sysctls:  map[string]string{"kernel.shm_rmid_forced": "1", "fs/mqueue/msg_max": "100"},
+	}
+	dir, agent, _ := e.sandboxPod("sb1", pod)
+	agent.mu.Lock()
+	setup := agent.setup
+	agent.mu.Unlock()
+	require.NotNil(t, setup)
+	assert.Equal(t, "test-hostname", setup.GetHostname())
+	assert.Equal(t, map[string]string{"kernel.shm_rmid_forced": "1", "fs.mqueue.msg_max": "100"}, setup.GetSysctls())
+
+	// c1 brings its own /etc/hosts (bundle); c2 has a read-only root.
+	bdir, spec := bundle(t)
+	c1 := backend.Process{Namespace: "k8s.io", SandboxID: "sb1", ContainerID: "c1"}
+	_, err := e.ctrs.Create(ctx, &backend.Container{Process: c1, Bundle: bdir, Spec: spec})
+	require.NoError(t, err)
+	bdir2, spec2 := bundle(t)
+	spec2.Mounts = spec2.Mounts[:3]
+	spec2.Root.Readonly = true
+	c2 := backend.Process{Namespace: "k8s.io", SandboxID: "sb1", ContainerID: "c2"}
+	_, err = e.ctrs.Create(ctx, &backend.Container{Process: c2, Bundle: bdir2, Spec: spec2})
+	require.NoError(t, err)
+	assert.Len(t, spec2.Mounts, 3, "the container's spec is not modified")
+
+	agent.mu.Lock()
+	gs1, gs2 := agent.specs["c1"], agent.specs["c2"]
+	agent.mu.Unlock()
+	require.NotNil(t, gs1)
+	require.NotNil(t, gs2)
+	byDest := func(s *specs.Spec) map[string]specs.Mount {
+		m := map[string]specs.Mount{}
+		for _, x := range s.Mounts {
+			m[x.Destination] = x
+		}
+		return m
+	}
+	m1, m2 := byDest(gs1), byDest(gs2)
+	assert.Equal(t, "/run/rss/shared/c1/mounts/0", m1["/etc/hosts"].Source, "c1's own /etc/hosts")
+	want := map[string]string{
+		"/etc/hostname":    "test-hostname\n",
+		"/etc/hosts":       "127.0.0.1 localhost\n::1 localhost\n",
+		"/etc/resolv.conf": "search google.com\nnameserver 8.8.8.8\noptions timeout:1\n",
+	}
+	for dest, content := range want {
+		for _, c := range []struct {
+			id string
+			m  map[string]specs.Mount
+			ro bool
+		}{{"c1", m1, false}, {"c2", m2, true}} {
+			if c.id == "c1" && dest == "/etc/hosts" {
+				continue
+			}
+			mnt, ok := c.m[dest]
+			if !assert.True(t, ok, "%s has %s", c.id, dest) {
+				continue
+			}
+			rel, ok := strings.CutPrefix(mnt.Source, "/run/rss/shared/")
+			require.True(t, ok, "%s %s from the shared directory: %s", c.id, dest, mnt.Source)
+			data, err := os.ReadFile(filepath.Join(dir, "shared", rel))
+			require.NoError(t, err)
+			assert.Equal(t, content, string(data), "%s %s", c.id, dest)
+			assert.Equal(t, c.ro, slices.Contains(mnt.Options, "ro"), "%s %s read-only: %v", c.id, dest, mnt.Options)
+			err = unix.Access(filepath.Join(dir, "shared.rw", rel), unix.W_OK)
+			if c.ro {
+				assert.Error(t, err, "%s %s is read-only on the host too", c.id, dest)
+			} else {
+				assert.NoError(t, err, "%s %s is writable", c.id, dest)
+			}
+		}
+	}
+	require.NoError(t, e.ctrs.Delete(ctx, c1))
+	require.NoError(t, e.ctrs.Delete(ctx, c2))
+
+	// A restarted daemon starts the recovered sandbox with the same
+	// hostname and sysctls.
+	require.NoError(t, e.b.Stop(ctx, "sb1", 0))
+	require.NoError(t, e.b.Close())
+	e.restart()
+	_, err = e.b.Recover(ctx, "sb1", dir, podInfo(), false, nil)
+	require.NoError(t, err)
+	agent.mu.Lock()
+	agent.setup = nil
+	agent.mu.Unlock()
+	_, err = e.b.Start(ctx, "sb1", func(uint32, time.Time) {})
+	require.NoError(t, err)
+	agent.mu.Lock()
+	setup = agent.setup
+	agent.mu.Unlock()
+	require.NotNil(t, setup)
+	assert.Equal(t, "test-hostname", setup.GetHostname())
+	assert.Len(t, setup.GetSysctls(), 2)
+
+	require.NoError(t, e.b.Delete(ctx, "sb1"))
+	for _, f := range []string{EtcDir, PodFile} {
+		_, err := os.Stat(filepath.Join(dir, f))
+		assert.True(t, os.IsNotExist(err), "Delete left %s: %v", f, err)
+	}
+
+	// Refused before anything is made.
+	dir2 := t.TempDir()
+	err = e.b.Create(ctx, "sb2", dir2, podInfo(), backend.Pod{Sysctls: map[string]string{"vm.swappiness": "1"}})
+	assert.True(t, errdefs.IsInvalidArgument(err), "%v", err)
+	ents, err := os.ReadDir(dir2)
+	require.NoError(t, err)
+	assert.Empty(t, ents)
+	assert.Nil(t, e.lv.get(DomainName(e.b.cfg.NamePrefix, "sb2")))
 }

@@ -89,7 +89,8 @@ type sandbox struct {
 	id, dir, name string
 	tap, ifb      string
 	info          resourceinfo.ResourceInfo
-	def           *Domain // the definition as last defined (live tunables split off)
+	pod           podRecord // what SetupSandbox gives the guest (PodFile)
+	def           *Domain   // the definition as last defined (live tunables split off)
 	live          LiveTunables
 
 	// exit watching, guarded by Backend.mu. stopping: a Stop is under way,
@@ -348,9 +349,10 @@ func (b *Backend) newSandbox(id, dir string, info resourceinfo.ResourceInfo) *sa
 	return sb
 }
 
-// Create defines the sandbox's domain and creates its overlay disk. On
-// failure it leaves nothing behind.
-func (b *Backend) Create(ctx context.Context, id, dir string, info resourceinfo.ResourceInfo) (retErr error) {
+// Create defines the sandbox's domain, creates its overlay disk and
+// writes the pod's files and record (see EtcDir). On failure it leaves
+// nothing behind.
+func (b *Backend) Create(ctx context.Context, id, dir string, info resourceinfo.ResourceInfo, pod backend.Pod) (retErr error) {
 	logger := log.G(ctx).WithField("sandbox", id)
 	if _, err := b.get(id); err == nil {
 		return fmt.Errorf("vm sandbox %q: %w", id, errdefs.ErrAlreadyExists)
@@ -359,7 +361,12 @@ func (b *Backend) Create(ctx context.Context, id, dir string, info resourceinfo.
 	if err != nil {
 		return err
 	}
+	rec, err := guestPod(pod)
+	if err != nil {
+		return fmt.Errorf("vm sandbox %q: %w", id, err)
+	}
 	sb := b.newSandbox(id, dir, info)
+	sb.pod = rec
 	sb.live = d.SplitLive()
 	sb.def = d
 	l, err := b.lv()
@@ -396,6 +403,14 @@ func (b *Backend) Create(ctx context.Context, id, dir string, info resourceinfo.
 	defer func() {
 		if retErr != nil {
 			_ = os.Remove(disk)
+		}
+	}()
+	if err := writePodFiles(dir, pod, rec); err != nil {
+		return fmt.Errorf("vm sandbox %q: %w", id, err)
+	}
+	defer func() {
+		if retErr != nil {
+			removePodFiles(dir)
 		}
 	}()
 
@@ -593,6 +608,7 @@ func removeFiles(dir, socketDir string) {
 		_ = os.Remove(filepath.Join(dir, f))
 	}
 	_ = os.Remove(AgentSocketPath(dir, socketDir))
+	removePodFiles(dir)
 }
 
 // Cleanup destroys and undefines every domain that carries the

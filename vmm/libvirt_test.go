@@ -342,10 +342,10 @@ func TestVMSandbox(t *testing.T) {
 		StorageLimit:     p(int64(128 * mib)),
 		NetworkBandwidth: p(int64(10_000_000)),
 	}}, nil)
-	require.NoError(t, b.Create(ctx, id, dir, info))
+	require.NoError(t, b.Create(ctx, id, dir, info, backend.Pod{}))
 	t.Cleanup(func() { _ = b.Delete(context.Background(), id) })
 	name := DomainName(cfg.NamePrefix, id)
-	err := b.Create(ctx, id, dir, info)
+	err := b.Create(ctx, id, dir, info, backend.Pod{})
 	assert.True(t, errors.Is(err, errdefs.ErrAlreadyExists), "second Create: %v", err)
 
 	ev := newRecEvents()
@@ -539,7 +539,7 @@ func TestVMStopAndCleanup(t *testing.T) {
 	info := resourceinfo.Compute(resourceinfo.Spec{Annotations: resourceinfo.Resources{
 		CPULimit: p(1.0), MemoryLimit: p(int64(128 * mib)),
 	}}, nil)
-	require.NoError(t, b.Create(ctx, id, dir, info))
+	require.NoError(t, b.Create(ctx, id, dir, info, backend.Pod{}))
 	t.Cleanup(func() { _ = b.Delete(context.Background(), id) })
 	exits := newExitRecorder()
 	t0 := time.Now()
@@ -592,7 +592,7 @@ func TestVMStopAndCleanup(t *testing.T) {
 	bs := newTestBackend(t, cfg, short)
 	t.Cleanup(func() { _ = bs.Close() })
 	id2, dir2 := "vmtest-timeout", t.TempDir()
-	require.NoError(t, bs.Create(ctx, id2, dir2, info))
+	require.NoError(t, bs.Create(ctx, id2, dir2, info, backend.Pod{}))
 	t.Cleanup(func() { _ = bs.Delete(context.Background(), id2) })
 	_, err = bs.Start(ctx, id2, nil)
 	assert.True(t, errors.Is(err, context.DeadlineExceeded) && strings.Contains(err.Error(), "console"), "Start with a short timeout: %v", err)

@@ -88,9 +88,12 @@ func (b *Backend) Start(ctx context.Context, id string, exited ExitFunc) (_ uint
 	}
 	defer func() {
 		if retErr != nil {
+			// Often the start's context ended it: the cleanup's must not
+			// (tc runs as a command of it).
+			cctx := context.WithoutCancel(ctx)
 			b.guestGone(sb)
-			b.destroy(ctx, l, dom)
-			b.unshape(ctx, sb)
+			b.destroy(cctx, l, dom)
+			b.unshape(cctx, sb)
 		}
 	}()
 	if err := b.applyLiveMemory(l, dom, sb.live); err != nil {
@@ -133,6 +136,7 @@ func (b *Backend) setupGuest(ctx context.Context, sb *sandbox, g *guestConn, pr 
 		cctx, cancel := context.WithTimeout(ctx, callTimeout)
 		_, err = agent.SetupSandbox(cctx, &api.SetupSandboxRequest{
 			SandboxId: sb.id, Resources: pr, SharedTag: b.cfg.SharedTag, Namespaces: GuestNamespaces,
+			Hostname: sb.pod.Hostname, Sysctls: sb.pod.Sysctls,
 		})
 		cancel()
 		if err != nil {
@@ -606,6 +610,13 @@ func (b *Backend) Recover(ctx context.Context, id, dir string, info resourceinfo
 	if d, err := DomainFor(id, dir, info, b.cfg); err == nil {
 		sb.live = d.SplitLive()
 	}
+	if rec, err := readPodRecord(dir); err != nil {
+		// The guest of a later Start gets no hostname or sysctls; the
+		// pod's files are on disk still.
+		logger.WithError(err).Warn("vm sandbox: unreadable pod record")
+	} else {
+		sb.pod = rec
+	}
 	l, err := b.lv()
 	if err != nil {
 		return false, err
@@ -615,7 +626,7 @@ func (b *Backend) Recover(ctx context.Context, id, dir string, info resourceinfo
 	if old, err := b.get(id); err == nil {
 		// Recovered before (a retry): keep the record, with its containers.
 		b.mu.Lock()
-		old.info, old.live = sb.info, sb.live
+		old.info, old.live, old.pod = sb.info, sb.live, sb.pod
 		b.mu.Unlock()
 		sb = old
 	} else {
