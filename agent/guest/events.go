@@ -5,6 +5,7 @@ import (
 	"sync"
 	"time"
 
+	eventstypes "github.com/containerd/containerd/api/events"
 	"github.com/containerd/containerd/v2/core/events"
 	"github.com/containerd/containerd/v2/core/runtime"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
@@ -37,6 +38,9 @@ type eventQueue struct {
 	wake    chan struct{} // closed and renewed when an event arrives
 	acked   chan struct{} // closed and renewed when the host releases events
 	pushed  time.Time     // when the last event arrived
+	// awaiting are containers whose init exit a powering-off guest
+	// waits to publish (expect).
+	awaiting map[string]bool
 }
 
 func newEventQueue(max int, nsOf func(string) string) *eventQueue {
@@ -51,6 +55,11 @@ func (q *eventQueue) Publish(ctx context.Context, topic string, event events.Eve
 	a, err := typeurl.MarshalAnyToProto(event)
 	if err != nil {
 		return err
+	}
+	if e, ok := event.(*eventstypes.TaskExit); ok && e.ID == e.ContainerID {
+		q.mu.Lock()
+		delete(q.awaiting, e.ContainerID)
+		q.mu.Unlock()
 	}
 	ns, _ := namespaces.Namespace(ctx)
 	if ns == "" && q.nsOf != nil {
@@ -143,18 +152,29 @@ func (q *eventQueue) get(ctx context.Context, after uint64, max int, wait time.D
 	}
 }
 
-// settle waits until the host has released every event and none has
-// arrived for quiet, or until limit passes: a guest that powers off gives
-// the host its containers' last exits first, without waiting on a host
-// that does not ask.
+// expect makes settle wait for the init exits of these containers too.
+func (q *eventQueue) expect(containerIDs []string) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.awaiting = map[string]bool{}
+	for _, id := range containerIDs {
+		q.awaiting[id] = true
+	}
+}
+
+// settle waits until the exits expect named are published, the host has
+// released every event and none has arrived for quiet, or until limit
+// passes: a guest that powers off gives the host its containers' last
+// exits first, without waiting on a host that does not ask.
 func (q *eventQueue) settle(quiet, limit time.Duration) bool {
 	deadline := time.Now().Add(limit)
 	for {
 		q.mu.Lock()
 		pending, acked, wake := len(q.items), q.acked, q.wake
 		idle := time.Since(q.pushed)
+		exits := len(q.awaiting)
 		q.mu.Unlock()
-		if pending == 0 && idle >= quiet {
+		if exits == 0 && pending == 0 && idle >= quiet {
 			return true
 		}
 		left := time.Until(deadline)
@@ -162,7 +182,7 @@ func (q *eventQueue) settle(quiet, limit time.Duration) bool {
 			return false
 		}
 		wait := left
-		if pending == 0 {
+		if exits == 0 && pending == 0 {
 			wait = min(left, quiet-idle)
 		}
 		t := time.NewTimer(wait)

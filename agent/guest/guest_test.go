@@ -114,6 +114,18 @@ func TestEventQueueSettle(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("settle did not see the acknowledgement")
 	}
+
+	// An expected exit not published yet holds it; an exec's exit does
+	// not count, the init process's does.
+	q.expect([]string{"b"})
+	assert.False(t, q.settle(time.Millisecond, 50*time.Millisecond), "b's exit is not published")
+	q.Publish(ctx, runtime.TaskExitEventTopic, &eventstypes.TaskExit{ContainerID: "b", ID: "exec-1"})
+	assert.False(t, q.settle(time.Millisecond, 50*time.Millisecond), "an exec's exit")
+	q.Publish(ctx, runtime.TaskExitEventTopic, &eventstypes.TaskExit{ContainerID: "b", ID: "b", ExitStatus: 143})
+	evs = q.get(ctx, evs[0].Seq, 10, 0)
+	require.Len(t, evs, 2)
+	q.get(ctx, evs[1].Seq, 10, 0)
+	assert.True(t, q.settle(time.Millisecond, 5*time.Second))
 }
 
 func TestStream(t *testing.T) {

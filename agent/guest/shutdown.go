@@ -7,6 +7,9 @@ import (
 	"strings"
 	"time"
 
+	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
+	"github.com/containerd/containerd/api/types/task"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 )
@@ -35,6 +38,9 @@ func (a *Agent) Shutdown(ctx context.Context, grace time.Duration, powerOff bool
 		first = true
 		a.setupMu.Lock()
 		defer a.setupMu.Unlock()
+		if powerOff {
+			a.events.expect(a.runningContainers(ctx))
+		}
 		a.stopAll(ctx, grace)
 		unix.Sync()
 		close(a.shutdownDone)
@@ -53,6 +59,28 @@ func (a *Agent) Shutdown(ctx context.Context, grace time.Duration, powerOff bool
 			a.cfg.PowerOff()
 		}()
 	}
+}
+
+// runningContainers are the containers whose init process runs, as the
+// task service says.
+func (a *Agent) runningContainers(ctx context.Context) []string {
+	a.mu.Lock()
+	type ctr struct{ id, ns string }
+	var created []ctr
+	for _, c := range a.containers {
+		if c.created {
+			created = append(created, ctr{c.id, c.namespace})
+		}
+	}
+	a.mu.Unlock()
+	var ids []string
+	for _, c := range created {
+		st, err := a.task.State(namespaces.WithNamespace(ctx, c.ns), &taskAPI.StateRequest{ID: c.id})
+		if err == nil && (st.Status == task.Status_RUNNING || st.Status == task.Status_PAUSED) {
+			ids = append(ids, c.id)
+		}
+	}
+	return ids
 }
 
 // containerCgroups are the cgroups with container processes: the pod's and
