@@ -20,8 +20,8 @@ import (
 const DefaultStopGrace = 5 * time.Second
 
 // How long a guest that powers off waits for the host to read the last
-// events: until none arrived for exitsQuiet and every one was read, for
-// exitsLimit at most.
+// events: until the stopped containers' exits are published, every event
+// was read and none arrived for exitsQuiet; exitsLimit at most.
 const (
 	exitsQuiet = 300 * time.Millisecond
 	exitsLimit = 3 * time.Second
