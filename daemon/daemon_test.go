@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 
 	taskapi "github.com/containerd/containerd/api/runtime/task/v3"
@@ -129,10 +128,7 @@ func TestStopRemovesOnlyItsSockets(t *testing.T) {
 // sandbox API, the CRI and the task API) log a few lines of normal size,
 // not the ID, even at debug level.
 func TestHugeIDsNotLogged(t *testing.T) {
-	var buf syncBuffer
-	out := log.L.Logger.Out
-	log.L.Logger.SetOutput(&buf)
-	t.Cleanup(func() { log.L.Logger.SetOutput(out) })
+	buf := testenv.CaptureLog(t)
 	cfg := testDaemon(t, func(c *config.Config) { c.LogLevel = "debug" })
 	c := dial(t, cfg)
 	ctx := namespaces.WithNamespace(context.Background(), "k8s.io")
@@ -161,23 +157,6 @@ func TestHugeIDsNotLogged(t *testing.T) {
 	assert.NotContains(t, logged, strings.Repeat("x", 2000))
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // TestMetricsAddressWarning: metrics on an address other than loopback
 // are served, with a warning that they have no authentication.
 func TestMetricsAddressWarning(t *testing.T) {
@@ -186,10 +165,7 @@ func TestMetricsAddressWarning(t *testing.T) {
 		warn bool
 	}{{"127.0.0.1:0", false}, {"[::1]:0", false}, {"0.0.0.0:0", true}} {
 		t.Run(tc.addr, func(t *testing.T) {
-			var buf syncBuffer
-			out := log.L.Logger.Out
-			log.L.Logger.SetOutput(&buf)
-			defer log.L.Logger.SetOutput(out)
+			buf := testenv.CaptureLog(t)
 			cfg := testConfig(t, t.TempDir())
 			cfg.MetricsAddress = tc.addr
 			level := log.L.Logger.GetLevel()

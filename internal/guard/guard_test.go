@@ -1,16 +1,14 @@
 package guard
 
 import (
-	"bytes"
 	"context"
 	"net"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 
-	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/testenv"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc/codes"
@@ -18,34 +16,8 @@ import (
 	"google.golang.org/protobuf/types/known/emptypb"
 )
 
-// logBuffer captures the log of the test.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-func captureLog(t *testing.T) *logBuffer {
-	buf := &logBuffer{}
-	out := log.L.Logger.Out
-	log.L.Logger.SetOutput(buf)
-	t.Cleanup(func() { log.L.Logger.SetOutput(out) })
-	return buf
-}
-
 func TestTTRPCPanicFailsOneCall(t *testing.T) {
-	logs := captureLog(t)
+	logs := testenv.CaptureLog(t)
 	srv, err := ttrpc.NewServer(TTRPCServerOptions()...)
 	require.NoError(t, err)
 	srv.RegisterService("test.Panicky", &ttrpc.ServiceDesc{Methods: map[string]ttrpc.Method{

@@ -1,7 +1,6 @@
 package publisher
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net"
@@ -18,9 +17,9 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
-	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
 	"github.com/containerd/typeurl/v2"
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/testenv"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/protobuf/types/known/emptypb"
@@ -105,31 +104,6 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 
 func sock(t *testing.T) string { return filepath.Join(t.TempDir(), "events.sock") }
 
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-func captureLog(t *testing.T) *logBuffer {
-	buf := &logBuffer{}
-	out := log.L.Logger.Out
-	log.L.Logger.SetOutput(buf)
-	t.Cleanup(func() { log.L.Logger.SetOutput(out) })
-	return buf
-}
-
 func TestDeliversInOrder(t *testing.T) {
 	addr := sock(t)
 	s := &sink{}
@@ -154,7 +128,7 @@ func TestNamespaceRequired(t *testing.T) {
 // is logged once with the address, and when containerd comes up the
 // queued events reach it, in order.
 func TestUnreachable(t *testing.T) {
-	logs := captureLog(t)
+	logs := testenv.CaptureLog(t)
 	addr := sock(t)
 	p := New(addr, Options{MaxBackoff: 50 * time.Millisecond})
 	defer p.Close()
@@ -247,7 +221,7 @@ func TestCloseUnreachable(t *testing.T) {
 
 // TestNotASocket: an address that is no socket is logged at start.
 func TestNotASocket(t *testing.T) {
-	logs := captureLog(t)
+	logs := testenv.CaptureLog(t)
 	f := filepath.Join(t.TempDir(), "file")
 	require.NoError(t, os.WriteFile(f, nil, 0o600))
 	p := New(f, Options{})

@@ -1,14 +1,11 @@
 package grpcguard
 
 import (
-	"bytes"
 	"context"
 	"net"
 	"path/filepath"
-	"sync"
 	"testing"
 
-	"github.com/containerd/log"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
@@ -18,33 +15,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/kuasar-io/resource-slot-sandboxer/internal/guard"
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/testenv"
 )
-
-// logBuffer captures the log of the test.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-func captureLog(t *testing.T) *logBuffer {
-	buf := &logBuffer{}
-	out := log.L.Logger.Out
-	log.L.Logger.SetOutput(buf)
-	t.Cleanup(func() { log.L.Logger.SetOutput(out) })
-	return buf
-}
 
 // panicky panics on a service name of "panic".
 type panicky struct {
@@ -67,7 +39,7 @@ func (panicky) Watch(r *healthpb.HealthCheckRequest, s grpc.ServerStreamingServe
 }
 
 func TestGRPCPanicFailsOneCall(t *testing.T) {
-	logs := captureLog(t)
+	logs := testenv.CaptureLog(t)
 	srv := grpc.NewServer(GRPCServerOptions()...)
 	healthpb.RegisterHealthServer(srv, panicky{})
 	sock := filepath.Join(t.TempDir(), "g.sock")
