@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,6 +21,7 @@ import (
 
 	"github.com/kuasar-io/resource-slot-sandboxer/config"
 	"github.com/kuasar-io/resource-slot-sandboxer/cri"
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/unixsock"
 	"github.com/kuasar-io/resource-slot-sandboxer/sandboxer"
 )
 
@@ -52,32 +52,6 @@ type shim struct {
 	pid     int
 	exited  chan struct{} // closed when the watched shim ends
 	stopped bool          // the watched shim is stopped (logged once)
-}
-
-// serving is who serves the task socket: the pid of the process that
-// listens on it (the kernel's peer credentials of a connection, which a
-// stopped process answers too).
-func serving(sock string) (int, error) {
-	c, err := net.DialTimeout("unix", sock, time.Second)
-	if err != nil {
-		return 0, err
-	}
-	defer c.Close()
-	raw, err := c.(*net.UnixConn).SyscallConn()
-	if err != nil {
-		return 0, err
-	}
-	var cred *unix.Ucred
-	var cerr error
-	if err := raw.Control(func(fd uintptr) {
-		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	}); err != nil {
-		return 0, err
-	}
-	if cerr != nil {
-		return 0, cerr
-	}
-	return int(cred.Pid), nil
 }
 
 // nobodyServes reports whether a dial error means that no process serves
@@ -197,7 +171,7 @@ func processState(pid int) byte {
 // is gone).
 func (s *shim) ensure(ctx context.Context) error {
 	sock := s.cfg.TaskSocketPath()
-	pid, err := serving(sock)
+	pid, err := unixsock.ServingPID(sock)
 	switch {
 	case err == nil:
 		if err := s.checkShim(pid); err != nil {
@@ -283,7 +257,7 @@ func (s *shim) spawn(ctx context.Context) error {
 	go func() { waitErr = cmd.Wait(); close(exited) }()
 	deadline := time.After(10 * time.Second)
 	for {
-		if pid, err := serving(sock); err == nil && pid == cmd.Process.Pid {
+		if pid, err := unixsock.ServingPID(sock); err == nil && pid == cmd.Process.Pid {
 			break
 		}
 		select {
@@ -332,7 +306,7 @@ func (s *shim) supervise(ctx context.Context) {
 			s.checkStopped(ctx)
 			continue
 		}
-		now, err := serving(sock)
+		now, err := unixsock.ServingPID(sock)
 		switch {
 		case err == nil && now == pid:
 			backoff = time.Second

@@ -29,12 +29,12 @@ import (
 	"github.com/containerd/ttrpc"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/kuasar-io/resource-slot-sandboxer/internal/hostile"
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/unixsock"
 )
 
 // exitWatch records the task exit events containerd publishes.
@@ -376,28 +376,6 @@ func killShimOf(t *testing.T, logPath string) {
 	}
 }
 
-// servingPID is the pid of the process that listens on a unix socket.
-func servingPID(sock string) (int, error) {
-	c, err := net.DialTimeout("unix", sock, time.Second)
-	if err != nil {
-		return 0, err
-	}
-	defer c.Close()
-	raw, err := c.(*net.UnixConn).SyscallConn()
-	if err != nil {
-		return 0, err
-	}
-	var cred *unix.Ucred
-	var cerr error
-	if err := raw.Control(func(fd uintptr) { cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil {
-		return 0, err
-	}
-	if cerr != nil {
-		return 0, cerr
-	}
-	return int(cred.Pid), nil
-}
-
 // shimPIDs are the task shims serving (or having served) sock.
 func shimPIDs(sock string) []int {
 	entries, _ := os.ReadDir("/proc")
@@ -436,7 +414,7 @@ func alive(pid int) bool {
 func TestDeadShimReplaced(t *testing.T) {
 	podID, ids := h.runContainers(t, "dead-shim", 3)
 	logStart := h.logSize(t)
-	old, err := servingPID(h.TaskSock())
+	old, err := unixsock.ServingPID(h.TaskSock())
 	require.NoError(t, err)
 	require.NoError(t, syscall.Kill(old, syscall.SIGKILL))
 
@@ -450,7 +428,7 @@ func TestDeadShimReplaced(t *testing.T) {
 	})
 	t.Logf("containerd: %v", h.containerStates(t, ids))
 	eventually(t, "a new task shim", func() bool {
-		pid, err := servingPID(h.TaskSock())
+		pid, err := unixsock.ServingPID(h.TaskSock())
 		return err == nil && pid != old
 	})
 	eventually(t, "the daemon to drop the dead shim's containers", func() bool {
@@ -482,7 +460,7 @@ func TestDeadShimReplaced(t *testing.T) {
 // continues, the containers are as they were.
 func TestStoppedShim(t *testing.T) {
 	podID, ids := h.runContainers(t, "stopped-shim", 2)
-	pid, err := servingPID(h.TaskSock())
+	pid, err := unixsock.ServingPID(h.TaskSock())
 	require.NoError(t, err)
 	logStart := h.logSize(t)
 	require.NoError(t, syscall.Kill(pid, syscall.SIGSTOP))
@@ -531,7 +509,7 @@ func TestOrphanShims(t *testing.T) {
 	require.NoError(t, err)
 	// cmd changes with the restarts: the last one is stopped.
 	defer func() { stopDaemon(cmd, syscall.SIGKILL) }()
-	first, err := servingPID(taskSock)
+	first, err := unixsock.ServingPID(taskSock)
 	require.NoError(t, err)
 
 	// Restarts reuse the shim.
@@ -554,7 +532,7 @@ func TestOrphanShims(t *testing.T) {
 	require.True(t, errdefs.IsNotFound(errgrpc.ToNative(err)), "the daemon's answer through the shim: %v", err)
 	require.NoError(t, os.Remove(taskSock))
 	eventually(t, "a new shim on the task socket", func() bool {
-		pid, err := servingPID(taskSock)
+		pid, err := unixsock.ServingPID(taskSock)
 		return err == nil && pid != first
 	})
 	time.Sleep(2 * time.Second) // the orphan's checks run every second
@@ -598,7 +576,7 @@ func TestHostileCalls(t *testing.T) {
 			syscall.Kill(pid, syscall.SIGKILL)
 		}
 	}()
-	shim, err := servingPID(taskSock)
+	shim, err := unixsock.ServingPID(taskSock)
 	require.NoError(t, err)
 
 	gc, err := grpc.NewClient("unix://"+listen, grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -661,7 +639,7 @@ func TestHostileCalls(t *testing.T) {
 	_, err = cri.Version(ctx, &runtime.VersionRequest{})
 	require.NoError(t, err, "the daemon serves on")
 	assert.True(t, alive(cmd.Process.Pid))
-	now, err := servingPID(taskSock)
+	now, err := unixsock.ServingPID(taskSock)
 	require.NoError(t, err)
 	assert.Equal(t, shim, now, "the same task shim serves")
 	data, _ := os.ReadFile(logPath)

@@ -9,7 +9,7 @@ import (
 	"sync/atomic"
 	"syscall"
 
-	"golang.org/x/sys/unix"
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/unixsock"
 )
 
 // Conns is a listener that counts the connections it accepted that are
@@ -69,19 +69,9 @@ func (s sameUser) Handshake(_ context.Context, conn net.Conn) (net.Conn, any, er
 	default:
 		return nil, nil, fmt.Errorf("task shim: not a unix connection: %T", conn)
 	}
-	raw, err := uc.SyscallConn()
+	cred, err := unixsock.PeerCred(uc)
 	if err != nil {
 		return nil, nil, err
-	}
-	var cred *unix.Ucred
-	var cerr error
-	if err := raw.Control(func(fd uintptr) {
-		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	}); err != nil {
-		return nil, nil, err
-	}
-	if cerr != nil {
-		return nil, nil, cerr
 	}
 	if cred.Uid != s.uid || cred.Gid != s.gid {
 		return nil, nil, fmt.Errorf("task shim: peer uid %d gid %d: %w", cred.Uid, cred.Gid, syscall.EPERM)

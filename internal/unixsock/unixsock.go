@@ -10,6 +10,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Options relax Listen's checks.
@@ -157,4 +159,36 @@ func Answers(path string) bool {
 	}
 	c.Close()
 	return true
+}
+
+// PeerCred is the kernel's record of the process at the other end of c
+// (SO_PEERCRED): who connected, or who listens.
+func PeerCred(c *net.UnixConn) (*unix.Ucred, error) {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return nil, err
+	}
+	return cred, cerr
+}
+
+// ServingPID is the pid of the process that listens on path: the peer
+// credentials of a connection to it, which a stopped process answers too.
+func ServingPID(path string) (int, error) {
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	cred, err := PeerCred(c.(*net.UnixConn))
+	if err != nil {
+		return 0, err
+	}
+	return int(cred.Pid), nil
 }

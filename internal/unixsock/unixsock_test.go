@@ -156,3 +156,25 @@ func TestCloseRemovesOnlyItsOwn(t *testing.T) {
 	_, err = os.Lstat(q)
 	assert.NoError(t, err, "a file put there since is left")
 }
+
+// TestServingPID: the listener's pid comes from the peer credentials.
+func TestServingPID(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "s.sock")
+	l, err := Listen(path)
+	require.NoError(t, err)
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	pid, err := ServingPID(path)
+	require.NoError(t, err)
+	assert.Equal(t, os.Getpid(), pid)
+	_, err = ServingPID(filepath.Join(t.TempDir(), "none.sock"))
+	assert.Error(t, err)
+}
