@@ -291,11 +291,14 @@ func amountOf(r Resources) amount {
 	return a
 }
 
-func (a amount) plus(b amount) amount {
+func (a amount) plus(b amount) amount { return a.combine(b, addSat) }
+
+// combine joins a and b amount by amount with f; what either has set is set.
+func (a amount) combine(b amount, f func(x, y int64) int64) amount {
 	return amount{
-		cpuLimit: addSat(a.cpuLimit, b.cpuLimit), cpuRequest: addSat(a.cpuRequest, b.cpuRequest),
-		memLimit: addSat(a.memLimit, b.memLimit), memRequest: addSat(a.memRequest, b.memRequest),
-		pids:        addSat(a.pids, b.pids),
+		cpuLimit: f(a.cpuLimit, b.cpuLimit), cpuRequest: f(a.cpuRequest, b.cpuRequest),
+		memLimit: f(a.memLimit, b.memLimit), memRequest: f(a.memRequest, b.memRequest),
+		pids:        f(a.pids, b.pids),
 		hasCPULimit: a.hasCPULimit || b.hasCPULimit, hasMemLimit: a.hasMemLimit || b.hasMemLimit,
 		hasPids: a.hasPids || b.hasPids, hasCPURequest: a.hasCPURequest || b.hasCPURequest,
 		hasMemRequest: a.hasMemRequest || b.hasMemRequest,
@@ -314,14 +317,7 @@ func (a amount) minus(b amount) amount {
 
 // atLeast is the larger of a and b per amount (kubelet's maxResourceList).
 func (a amount) atLeast(b amount) amount {
-	return amount{
-		cpuLimit: max(a.cpuLimit, b.cpuLimit), cpuRequest: max(a.cpuRequest, b.cpuRequest),
-		memLimit: max(a.memLimit, b.memLimit), memRequest: max(a.memRequest, b.memRequest),
-		pids:        max(a.pids, b.pids),
-		hasCPULimit: a.hasCPULimit || b.hasCPULimit, hasMemLimit: a.hasMemLimit || b.hasMemLimit,
-		hasPids: a.hasPids || b.hasPids, hasCPURequest: a.hasCPURequest || b.hasCPURequest,
-		hasMemRequest: a.hasMemRequest || b.hasMemRequest,
-	}
+	return a.combine(b, func(x, y int64) int64 { return max(x, y) })
 }
 
 // amounts is a for the record: the declared limits and set requests.
