@@ -145,7 +145,7 @@ func profileDaemon(b *testing.B, d time.Duration) (wait func()) {
 		return func() {}
 	}
 	client := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		return (&net.Dialer{}).DialContext(ctx, "unix", filepath.Join(h.base, "sb-admin.sock"))
+		return (&net.Dialer{}).DialContext(ctx, "unix", h.AdminSock())
 	}}}
 	path := filepath.Join(dir, strings.ReplaceAll(b.Name(), "/", "_")+".prof")
 	done := make(chan struct{})
