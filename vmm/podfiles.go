@@ -7,12 +7,12 @@ import (
 	"os"
 	"path"
 	"path/filepath"
-	"regexp"
 	"strings"
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/agent/api"
 	"github.com/kuasar-io/resource-slot-sandboxer/backend"
 	"github.com/kuasar-io/resource-slot-sandboxer/internal/statefile"
 )
@@ -64,14 +64,6 @@ var (
 // maxHostFile bounds the host files copied into a pod.
 const maxHostFile = 1 << 20
 
-// The guest agent's rules for what SetupSandbox takes (agent/guest
-// sandbox.go), checked on Create so that a pod the guest would refuse is
-// refused before its VM boots.
-var (
-	guestHostnameRE = regexp.MustCompile(`^[a-zA-Z0-9]([a-zA-Z0-9.-]{0,62}[a-zA-Z0-9])?$`)
-	guestSysctlRE   = regexp.MustCompile(`^[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+$`)
-)
-
 // podRecord is PodFile.
 type podRecord struct {
 	// Hostname is the hostname the guest gets ("" : the guest keeps its
@@ -85,22 +77,22 @@ type podRecord struct {
 // pod has passed backend.Pod.Validate.
 func guestPod(pod backend.Pod) (podRecord, error) {
 	rec := podRecord{Hostname: pod.Hostname}
-	if rec.Hostname != "" && !guestHostnameRE.MatchString(rec.Hostname) {
+	if rec.Hostname != "" && !api.ValidHostname(rec.Hostname) {
 		return podRecord{}, fmt.Errorf("hostname %q is not a DNS name the guest can take: %w", rec.Hostname, errdefs.ErrInvalidArgument)
 	}
 	if rec.Hostname == "" {
 		// containerd's runc pod has the host's hostname; a host's
 		// that the guest would refuse leaves the guest's own.
-		if h, err := hostHostname(); err == nil && guestHostnameRE.MatchString(h) {
+		if h, err := hostHostname(); err == nil && api.ValidHostname(h) {
 			rec.Hostname = h
 		}
 	}
 	for k, v := range pod.Sysctls {
 		name := dottedSysctl(k)
-		if !guestSysctlRE.MatchString(name) {
+		if !api.ValidSysctlName(name) {
 			return podRecord{}, fmt.Errorf("sysctl %q: the guest takes letters, digits, '_' and '-' between dots: %w", k, errdefs.ErrInvalidArgument)
 		}
-		if !guestNamespacedSysctl(name) {
+		if api.SysctlNamespace(name) == "" {
 			return podRecord{}, fmt.Errorf("sysctl %q is not namespaced (kernel.shm*, kernel.msg*, kernel.sem, fs.mqueue.*, net.*): %w", k, errdefs.ErrInvalidArgument)
 		}
 		if rec.Sysctls == nil {
@@ -132,15 +124,6 @@ func dottedSysctl(name string) string {
 		}
 		return r
 	}, name)
-}
-
-// guestNamespacedSysctl reports whether the agent applies the sysctl in
-// the pod's namespaces: the IPC, UTS and network ones (the pod's network
-// is the guest's).
-func guestNamespacedSysctl(name string) bool {
-	return strings.HasPrefix(name, "kernel.shm") || strings.HasPrefix(name, "kernel.msg") ||
-		name == "kernel.sem" || strings.HasPrefix(name, "fs.mqueue.") ||
-		name == "kernel.hostname" || name == "kernel.domainname" || strings.HasPrefix(name, "net.")
 }
 
 // resolvConf is a resolv.conf of a pod's DNS configuration, in

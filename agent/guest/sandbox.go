@@ -40,32 +40,13 @@ type sandboxState struct {
 // HolderMain for it).
 const HolderArg0 = "rss-pod-holder"
 
-var (
-	hostnameRE = regexp.MustCompile(`^[a-zA-Z0-9]([a-zA-Z0-9.-]{0,62}[a-zA-Z0-9])?$`)
-	tagRE      = regexp.MustCompile(`^[a-zA-Z0-9_.-]{1,36}$`)
-	sysctlRE   = regexp.MustCompile(`^[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+$`)
-)
-
-// sysctlNamespace says which namespace a namespaced sysctl belongs to:
-// "ipc", "uts" or "net"; "" for one that is not namespaced.
-func sysctlNamespace(name string) string {
-	switch {
-	case strings.HasPrefix(name, "kernel.shm"), strings.HasPrefix(name, "kernel.msg"),
-		name == "kernel.sem", strings.HasPrefix(name, "fs.mqueue."):
-		return "ipc"
-	case name == "kernel.hostname", name == "kernel.domainname":
-		return "uts"
-	case strings.HasPrefix(name, "net."):
-		return "net"
-	}
-	return ""
-}
+var tagRE = regexp.MustCompile(`^[a-zA-Z0-9_.-]{1,36}$`)
 
 func validateSetup(r *api.SetupSandboxRequest) error {
 	if err := identifiers.Validate(r.SandboxId); err != nil {
 		return err
 	}
-	if r.Hostname != "" && !hostnameRE.MatchString(r.Hostname) {
+	if r.Hostname != "" && !api.ValidHostname(r.Hostname) {
 		return fmt.Errorf("hostname %q: %w", r.Hostname, errdefs.ErrInvalidArgument)
 	}
 	if r.SharedTag != "" && !tagRE.MatchString(r.SharedTag) {
@@ -82,10 +63,10 @@ func validateSetup(r *api.SetupSandboxRequest) error {
 		seen[ns] = true
 	}
 	for k, v := range r.Sysctls {
-		if !sysctlRE.MatchString(k) || len(k) > 256 {
+		if !api.ValidSysctlName(k) || len(k) > 256 {
 			return fmt.Errorf("sysctl %q: %w", k, errdefs.ErrInvalidArgument)
 		}
-		if sysctlNamespace(k) == "" {
+		if api.SysctlNamespace(k) == "" {
 			return fmt.Errorf("sysctl %q is not namespaced: %w", k, errdefs.ErrInvalidArgument)
 		}
 		if len(v) > 1024 || strings.ContainsAny(v, "\x00\n") {
@@ -146,7 +127,7 @@ func (a *Agent) setupSandbox(ctx context.Context, r *api.SetupSandboxRequest) er
 	// is the guest's).
 	holderSysctls := map[string]string{}
 	for k, v := range r.Sysctls {
-		ns := sysctlNamespace(k)
+		ns := api.SysctlNamespace(k)
 		if (ns == "ipc" || ns == "uts") && contains(r.Namespaces, ns) {
 			holderSysctls[k] = v
 			continue
