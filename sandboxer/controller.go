@@ -343,15 +343,12 @@ func (c *Controller) commitResources(sb *sandboxEntry, st *State, ri resourceinf
 		Durable: !c.opts.NoSync && st.Phase != PhaseCreated,
 	})
 	if err != nil {
-		if tmp != "" {
-			os.Remove(tmp)
-		}
+		// The spare holds what was not recorded: never read.
 		return fmt.Errorf("save sandbox %s: %w", sb.id, storageError(filepath.Join(c.opts.Root, JournalDir), err))
 	}
 	if tmp != "" {
-		if err := statefile.Rename(tmp, filepath.Join(dir, ResourceInfoFile)); err != nil {
+		if err := statefile.Swap(tmp, filepath.Join(dir, ResourceInfoFile)); err != nil {
 			// Recorded all the same: recovery rewrites the file.
-			os.Remove(tmp)
 			log.L.WithError(err).WithField("sandbox", sb.id).Error("replace " + ResourceInfoFile)
 		}
 	}

@@ -180,20 +180,27 @@ func (p *dirPool) recycle(d string) {
 		return
 	}
 	kept := false
+	spares := map[string]bool{}
+	for _, e := range entries {
+		if e.Type().IsRegular() && isSpare(e.Name()) {
+			spares[e.Name()] = true
+		}
+	}
 	for _, e := range entries {
 		switch {
 		case e.Name() == ResourceInfoFile && e.Type().IsRegular():
 			kept = true
 			continue
-		case e.Name() == StateFile && e.Type().IsRegular():
-			// Kept under its temp name, whose file the next sandbox's
-			// first state.json is written to (statefile.WriteTemp):
-			// its blocks are reused. Never read: recovery removes it.
-			if statefile.Rename(filepath.Join(d, e.Name()), filepath.Join(d, statefile.TempName(StateFile))) == nil {
+		case e.Type().IsRegular() && isSpare(e.Name()):
+			// The next sandbox's writes go to the spares
+			// (statefile.WriteTemp): their inodes and blocks are reused.
+			continue
+		case e.Name() == StateFile && e.Type().IsRegular() && !spares[statefile.SpareName(StateFile)]:
+			// Kept as the spare of the next sandbox's first state.json.
+			// Never read.
+			if statefile.Rename(filepath.Join(d, e.Name()), filepath.Join(d, statefile.SpareName(StateFile))) == nil {
 				continue
 			}
-		case e.Name() == statefile.TempName(StateFile) && e.Type().IsRegular():
-			continue
 		}
 		if err := os.RemoveAll(filepath.Join(d, e.Name())); err != nil {
 			p.discard(d)
@@ -209,6 +216,16 @@ func (p *dirPool) recycle(d string) {
 	p.mu.Lock()
 	p.ready = append(p.ready, d)
 	p.mu.Unlock()
+}
+
+// isSpare reports whether name is the spare of a file the daemon writes
+// in a sandbox's directory.
+func isSpare(name string) bool {
+	switch name {
+	case statefile.SpareName(ResourceInfoFile), statefile.SpareName(StateFile), statefile.SpareName(UsageFile):
+		return true
+	}
+	return false
 }
 
 // lowSpace reports whether the file system of dir has less than 64 MiB or

@@ -45,6 +45,11 @@ func TestDirPool(t *testing.T) {
 	stateIno := inode(t, filepath.Join(a, StateFile))
 	require.NoError(t, os.WriteFile(filepath.Join(a, UsageFile), []byte("{}"), 0o600))
 	require.NoError(t, os.MkdirAll(filepath.Join(a, "disk", "x"), 0o700))
+	// A resource change leaves the previous resource_info.json as the spare.
+	require.NoError(t, statefile.Replace(a, ResourceInfoFile, []byte(`{"second":true}`)))
+	spareIno := inode(t, filepath.Join(a, statefile.SpareName(ResourceInfoFile)))
+	assert.Equal(t, ino, spareIno, "the exchange keeps the old file as the spare")
+	ino = inode(t, filepath.Join(a, ResourceInfoFile))
 
 	require.NoError(t, p.remove(a))
 	_, err = os.Stat(a)
@@ -70,9 +75,11 @@ func TestDirPool(t *testing.T) {
 	for _, e := range entries {
 		names = append(names, e.Name())
 	}
-	assert.ElementsMatch(t, []string{ResourceInfoFile, statefile.TempName(StateFile)}, names, "what the removed sandbox left is gone")
-	assert.Equal(t, stateIno, inode(t, filepath.Join(b, statefile.TempName(StateFile))), "its state.json's file is kept for the next")
-	require.NoError(t, os.Remove(filepath.Join(b, statefile.TempName(StateFile))))
+	assert.ElementsMatch(t, []string{ResourceInfoFile, statefile.SpareName(StateFile), statefile.SpareName(ResourceInfoFile)}, names, "what the removed sandbox left is gone")
+	assert.Equal(t, stateIno, inode(t, filepath.Join(b, statefile.SpareName(StateFile))), "its state.json's file is kept for the next")
+	assert.Equal(t, spareIno, inode(t, filepath.Join(b, statefile.SpareName(ResourceInfoFile))), "so is the spare")
+	require.NoError(t, os.Remove(filepath.Join(b, statefile.SpareName(StateFile))))
+	require.NoError(t, os.Remove(filepath.Join(b, statefile.SpareName(ResourceInfoFile))))
 
 	// A directory in the way.
 	require.NoError(t, os.WriteFile(filepath.Join(b, UsageFile), nil, 0o600))

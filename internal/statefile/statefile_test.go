@@ -15,6 +15,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 )
 
 type inner struct {
@@ -486,4 +487,45 @@ func TestConcurrentWriters(t *testing.T) {
 			assert.Empty(t, tempFiles(t, dir))
 		})
 	}
+}
+
+func TestReplaceSwapsWithTheSpare(t *testing.T) {
+	dir := t.TempDir()
+	target := filepath.Join(dir, "info.json")
+	spare := filepath.Join(dir, SpareName("info.json"))
+	ino := func(path string) uint64 {
+		t.Helper()
+		var st unix.Stat_t
+		require.NoError(t, unix.Stat(path, &st))
+		return st.Ino
+	}
+
+	require.NoError(t, Replace(dir, "info.json", []byte("first, the longest")))
+	assert.NoFileExists(t, spare, "a new file is renamed into place")
+	first := ino(target)
+
+	require.NoError(t, Replace(dir, "info.json", []byte("second")))
+	data, err := os.ReadFile(target)
+	require.NoError(t, err)
+	assert.Equal(t, "second", string(data))
+	data, err = os.ReadFile(spare)
+	require.NoError(t, err)
+	assert.Equal(t, "first, the longest", string(data), "the spare holds the previous content")
+	assert.Equal(t, first, ino(spare))
+	second := ino(target)
+
+	require.NoError(t, Replace(dir, "info.json", []byte("third")))
+	data, err = os.ReadFile(target)
+	require.NoError(t, err)
+	assert.Equal(t, "third", string(data), "written over the spare and cut to its length")
+	assert.Equal(t, first, ino(target), "the spare's inode is reused")
+	assert.Equal(t, second, ino(spare))
+	assert.Empty(t, tempFiles(t, dir))
+
+	// A spare removed meanwhile is made again.
+	require.NoError(t, os.Remove(spare))
+	require.NoError(t, Replace(dir, "info.json", []byte("fourth")))
+	data, err = os.ReadFile(target)
+	require.NoError(t, err)
+	assert.Equal(t, "fourth", string(data))
 }
