@@ -440,7 +440,11 @@ func TestDeadShimReplaced(t *testing.T) {
 		}
 		return true
 	})
-	assert.Contains(t, h.logSince(t, logStart), "ended the containers containerd ran through the task shim that is gone")
+	// The log is written out by a goroutine of its own: it may come a
+	// moment after the change.
+	assert.Eventually(t, func() bool {
+		return strings.Contains(h.logSince(t, logStart), "ended the containers containerd ran through the task shim that is gone")
+	}, 10*time.Second, 10*time.Millisecond)
 
 	// Containers start again in the same pod.
 	pod := podConfig("dead-shim", nil, nil)

@@ -13,9 +13,11 @@ import (
 	"syscall"
 
 	"github.com/containerd/log"
+	"github.com/sirupsen/logrus"
 
 	"github.com/kuasar-io/resource-slot-sandboxer/config"
 	"github.com/kuasar-io/resource-slot-sandboxer/daemon"
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/logqueue"
 )
 
 func main() {
@@ -80,6 +82,12 @@ func run() error {
 	if err := log.SetFormat(log.TextFormat); err != nil {
 		return err
 	}
+	// Log lines are written out by a goroutine of their own: a slow or
+	// stalled stderr holds no call (logqueue).
+	out := logqueue.New(os.Stderr, 0)
+	defer out.Close()
+	logrus.SetOutput(out)
+	logrus.RegisterExitHandler(func() { out.Close() })
 	daemon.DumpStacksOnSignal(ctx)
 	return daemon.Run(ctx, cfg, nil)
 }

@@ -1,0 +1,89 @@
+package logqueue
+
+import (
+	"bytes"
+	"io"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// lockedBuffer is an output the test reads while the writer writes.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+func TestLinesReachTheOutputInOrder(t *testing.T) {
+	var out lockedBuffer
+	w := New(&out, 0)
+	var want strings.Builder
+	for i := range 1000 {
+		line := strings.Repeat("x", i%50) + "\n"
+		want.WriteString(line)
+		n, err := w.Write([]byte(line))
+		require.NoError(t, err)
+		assert.Equal(t, len(line), n)
+	}
+	require.NoError(t, w.Close())
+	assert.Equal(t, want.String(), out.String())
+
+	// After Close, straight to the output.
+	w.Write([]byte("last\n"))
+	assert.True(t, strings.HasSuffix(out.String(), "last\n"))
+	require.NoError(t, w.Close(), "twice")
+}
+
+// A stalled output (a pipe nobody reads) neither blocks a write nor
+// loses more than what does not fit, and the loss is logged.
+func TestStalledOutputDropsAndCounts(t *testing.T) {
+	r, pw, err := os.Pipe()
+	require.NoError(t, err)
+	defer r.Close()
+	w := New(pw, 4096)
+	line := []byte(strings.Repeat("y", 99) + "\n")
+	// Fill the pipe (64 KiB) and the queue; the writes return at once.
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for range 2000 {
+			w.Write(line)
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("a write waited for the stalled output")
+	}
+	// Read everything: the queued lines come, then the count.
+	got := make(chan string)
+	go func() {
+		data, _ := io.ReadAll(r)
+		got <- string(data)
+	}()
+	w.Write([]byte("after\n"))
+	require.NoError(t, w.Close())
+	pw.Close()
+	s := <-got
+	assert.Less(t, strings.Count(s, string(line)), 2000, "some lines were dropped")
+	assert.GreaterOrEqual(t, strings.Count(s, string(line)), 4096/len(line), "what fit in the queue was kept")
+	assert.Regexp(t, `level=warning msg="\d+ log lines dropped`, s)
+	assert.Contains(t, s, "after\n")
+}
