@@ -1,6 +1,7 @@
 package cri
 
 import (
+	"bytes"
 	"encoding/json"
 	"sync"
 	"time"
@@ -204,12 +205,30 @@ func podNameOfState(st *sandboxer.State) (podName, bool) {
 	if len(st.Config) == 0 {
 		return podName{}, false
 	}
-	var cfg struct {
-		Metadata *runtime.PodSandboxMetadata `json:"metadata"`
-	}
-	if json.Unmarshal(st.Config, &cfg) != nil || cfg.Metadata == nil {
+	// The metadata is the config's first member (encoding/json follows
+	// the struct's order): read up to it, not the whole config, which
+	// cost 3% of a direct pod cycle's CPU.
+	dec := json.NewDecoder(bytes.NewReader(st.Config))
+	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
 		return podName{}, false
 	}
-	md := cfg.Metadata
-	return podName{md.GetName(), md.GetNamespace(), md.GetUid(), md.GetAttempt()}, true
+	for dec.More() {
+		t, err := dec.Token()
+		if err != nil {
+			return podName{}, false
+		}
+		if t != "metadata" {
+			var skip json.RawMessage
+			if dec.Decode(&skip) != nil {
+				return podName{}, false
+			}
+			continue
+		}
+		var md *runtime.PodSandboxMetadata
+		if dec.Decode(&md) != nil || md == nil {
+			return podName{}, false
+		}
+		return podName{md.GetName(), md.GetNamespace(), md.GetUid(), md.GetAttempt()}, true
+	}
+	return podName{}, false
 }

@@ -14,6 +14,8 @@ import (
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc/codes"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/kuasar-io/resource-slot-sandboxer/sandboxer"
 )
 
 var demoAnnotations = map[string]string{
@@ -400,4 +402,27 @@ func TestStreamManyPods(t *testing.T) {
 	}
 	assert.Equal(t, want, got)
 	assert.Equal(t, 2, msgs)
+}
+
+func TestPodNameOfState(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		config string
+		want   podName
+		ok     bool
+	}{
+		{"metadata first", `{"metadata":{"name":"a","uid":"u","namespace":"n","attempt":2},"hostname":"h"}`, podName{"a", "n", "u", 2}, true},
+		{"metadata later", `{"hostname":"h","labels":{"x":"y"},"metadata":{"name":"b","uid":"u","namespace":"n"}}`, podName{"b", "n", "u", 0}, true},
+		{"no metadata", `{"hostname":"h"}`, podName{}, false},
+		{"null metadata", `{"metadata":null}`, podName{}, false},
+		{"not an object", `[1]`, podName{}, false},
+		{"torn", `{"hostname":"h","metadata":{"name":`, podName{}, false},
+		{"empty", ``, podName{}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, ok := podNameOfState(&sandboxer.State{Config: json.RawMessage(tc.config)})
+			assert.Equal(t, tc.ok, ok)
+			assert.Equal(t, tc.want, got)
+		})
+	}
 }
