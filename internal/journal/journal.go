@@ -25,6 +25,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -718,6 +719,9 @@ func (j *Journal) signalCompact() {
 	}
 }
 
+// yieldBelow: a sync of fewer records waiting first yields (runSync).
+const yieldBelow = 8
+
 // runSync syncs what is written and settles the records waiting for it,
 // again as long as records written meanwhile wait. j.mu is held on entry
 // and exit; it is released while the sync runs, so records go on being
@@ -725,6 +729,16 @@ func (j *Journal) signalCompact() {
 func (j *Journal) runSync() {
 	j.syncing = true
 	for len(j.waiting) > 0 {
+		if len(j.waiting) < yieldBelow {
+			// Let the goroutines that are ready to run append first, so
+			// that this sync covers their records too: under load a
+			// sync costs as much CPU as a call's other work, and 32
+			// concurrent callers had 3 records a sync. Alone, a caller
+			// finds nothing else to run and goes on at once.
+			j.mu.Unlock()
+			runtime.Gosched()
+			j.mu.Lock()
+		}
 		waiting := j.waiting
 		j.waiting = nil
 		var segs []*segment
