@@ -271,6 +271,15 @@ func encodeState(s *State) ([]byte, error) {
 	if e := sharedSpec(s.Spec); e != nil {
 		spec = e.encoded
 	}
+	if out, ok := appendPodState(make([]byte, 0, 256+len(s.Config)+len(spec)), s, spec); ok {
+		return out, nil
+	}
+	return encodeStateJSON(s, spec)
+}
+
+// encodeStateJSON is encodeState through encoding/json; spec is the
+// shared spec's encoding, or nil.
+func encodeStateJSON(s *State, spec []byte) ([]byte, error) {
 	cfg := s.Config
 	c := *s
 	c.Config = nil

@@ -3,6 +3,7 @@ package sandboxer
 import (
 	"context"
 	"encoding/json"
+	"math"
 	"math/rand/v2"
 	"reflect"
 	"strings"
@@ -309,5 +310,66 @@ func TestIsIdentifier(t *testing.T) {
 		if got, want := isIdentifier(s), identifiers.Validate(s) == nil; got != want {
 			t.Errorf("isIdentifier(%q) = %v, identifiers.Validate says %v", s, got, want)
 		}
+	}
+}
+
+// TestAppendPodStateIsEncodeState: the encoder of pod records without
+// reflection writes what encoding/json does, byte for byte, and leaves
+// the states it does not handle to it.
+func TestAppendPodStateIsEncodeState(t *testing.T) {
+	now := time.Date(2026, 12, 1, 17, 4, 5, 123456789, time.UTC)
+	round := now.Truncate(time.Second)
+	local := now.In(time.FixedZone("x", -5*3600-30*60))
+	spec := internSpec(fullState().Spec)
+	base := func() *State {
+		return &State{Version: stateVersion, ID: "sb-1.a_b", Mode: "slot", Phase: PhaseCreated, CreatedAt: now, Spec: spec,
+			Config: json.RawMessage(`{"metadata":{"name":"p"}}`)}
+	}
+	cases := map[string]func(s *State){
+		"created":       func(*State) {},
+		"no config":     func(s *State) { s.Config = nil },
+		"no spec":       func(s *State) { s.Spec = nil },
+		"ready":         func(s *State) { s.Phase, s.StartedAt, s.Pid = PhaseReady, &round, 42; s.Ledger.Since = &now },
+		"stopped":       func(s *State) { s.Phase, s.StartedAt, s.ExitedAt, s.ExitStatus = PhaseStopped, &now, &local, 137 },
+		"netns plain":   func(s *State) { s.NetNSPath = "/var/run/netns/cni-1234" },
+		"netns escaped": func(s *State) { s.NetNSPath = "/run/\"a\\b\"<&>\x01é\u2028" },
+		"annotations":   func(s *State) { s.Annotations = map[string]string{"b": "2", "a": "<1>"} },
+		"empty map":     func(s *State) { s.Containers = map[string]*Container{} },
+		"ledger floats": func(s *State) {
+			s.Ledger = Ledger{CPUCoreSeconds: 1.5, MemoryByteSeconds: 3.2e21, PidSeconds: 1e-7, StorageByteSecs: 123456789.25}
+		},
+		"ledger zero":     func(s *State) { s.Ledger = Ledger{CPUCoreSeconds: math.Copysign(0, -1)} },
+		"updated at":      func(s *State) { s.ResourcesUpdatedAt = now },
+		"odd mode string": func(s *State) { s.Mode = "vm\n" },
+	}
+	for desc, change := range cases {
+		st := base()
+		change(st)
+		var enc []byte
+		if e := sharedSpec(st.Spec); e != nil {
+			enc = e.encoded
+		}
+		want, err := encodeStateJSON(st, enc)
+		require.NoError(t, err, desc)
+		got, ok := appendPodState(nil, st, enc)
+		require.True(t, ok, desc)
+		assert.Equal(t, string(want), string(got), desc)
+		dec, err := decodeState(got, st.ID)
+		require.NoError(t, err, desc)
+		assert.Equal(t, st.Phase, dec.Phase, desc)
+	}
+	for desc, change := range map[string]func(s *State){
+		"containers": func(s *State) { s.Containers = map[string]*Container{"c": {}} },
+		"own spec": func(s *State) {
+			s.Spec = &resourceinfo.Spec{Pod: resourceinfo.Pod{Containers: map[string]resourceinfo.PodContainer{"c": {}}}}
+		},
+		"year 10000": func(s *State) { s.CreatedAt = time.Date(10000, 1, 1, 0, 0, 0, 0, time.UTC) },
+		"NaN ledger": func(s *State) { s.Ledger.PidSeconds = math.NaN() },
+		"odd offset": func(s *State) { t := now.In(time.FixedZone("y", 7)); s.StartedAt = &t },
+	} {
+		st := base()
+		change(st)
+		_, ok := appendPodState(nil, st, nil)
+		assert.False(t, ok, desc)
 	}
 }
