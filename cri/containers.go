@@ -427,6 +427,7 @@ func (s *Service) ListContainers(_ context.Context, req *runtime.ListContainersR
 	resp := &runtime.ListContainersResponse{}
 	list := s.filterContainers(req.GetFilter())
 	list.setItems(resp, 0, len(list.items))
+	s.mem.after(list.size)
 	return resp, nil
 }
 

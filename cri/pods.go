@@ -337,6 +337,7 @@ func (s *Service) ListPodSandbox(_ context.Context, req *runtime.ListPodSandboxR
 	resp := &runtime.ListPodSandboxResponse{}
 	list := s.listPods(req.GetFilter())
 	list.setItems(resp, 0, len(list.items))
+	s.mem.after(list.size)
 	return resp, nil
 }
 

@@ -92,6 +92,8 @@ type Service struct {
 	metas    decodeCache[containerMeta]
 	podItems itemCache
 	ctrItems itemCache
+	// mem gives back the memory of large lists (memory.go).
+	mem releaser
 
 	podLocks [lockStripes]sync.Mutex
 }
