@@ -1,38 +1,20 @@
 package logqueue
 
 import (
-	"bytes"
 	"io"
 	"os"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/testenv"
 )
 
-// lockedBuffer is an output the test reads while the writer writes.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 func TestLinesReachTheOutputInOrder(t *testing.T) {
-	var out lockedBuffer
+	var out testenv.LogBuffer
 	w := New(&out, 0)
 	var want strings.Builder
 	for i := range 1000 {
