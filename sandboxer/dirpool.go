@@ -39,7 +39,7 @@ const maxPooled = 256
 // removed sandbox's directory is renamed into the pool (it is gone at
 // once) and emptied in the background but for its resource_info.json,
 // which the next sandbox's overwrites before its directory is renamed
-// into place. Only a reader still holding the removed sandbox's file open
+// into place, and the spares its next writes go to. Only a reader still holding the removed sandbox's file open
 // can tell: it sees it rewritten.
 type dirPool struct {
 	root string
@@ -169,7 +169,8 @@ func (p *dirPool) run(ctx context.Context) {
 }
 
 // recycle empties a returned directory but for its resource_info.json
-// and makes it ready, or removes it when enough are.
+// and the spares (statefile.SpareName) and makes it ready, or removes it
+// when enough are.
 func (p *dirPool) recycle(d string) {
 	p.mu.Lock()
 	full := len(p.ready) >= maxPooled
@@ -180,11 +181,9 @@ func (p *dirPool) recycle(d string) {
 		return
 	}
 	kept := false
-	spares := map[string]bool{}
+	stateSpare := false
 	for _, e := range entries {
-		if e.Type().IsRegular() && isSpare(e.Name()) {
-			spares[e.Name()] = true
-		}
+		stateSpare = stateSpare || e.Name() == statefile.SpareName(StateFile) && e.Type().IsRegular()
 	}
 	for _, e := range entries {
 		switch {
@@ -195,7 +194,7 @@ func (p *dirPool) recycle(d string) {
 			// The next sandbox's writes go to the spares
 			// (statefile.WriteTemp): their inodes and blocks are reused.
 			continue
-		case e.Name() == StateFile && e.Type().IsRegular() && !spares[statefile.SpareName(StateFile)]:
+		case e.Name() == StateFile && e.Type().IsRegular() && !stateSpare:
 			// Kept as the spare of the next sandbox's first state.json.
 			// Never read.
 			if statefile.Rename(filepath.Join(d, e.Name()), filepath.Join(d, statefile.SpareName(StateFile))) == nil {
