@@ -17,7 +17,7 @@ import (
 const (
 	largeResponse = 1 << 20
 	releaseDelay  = time.Second
-	releaseEvery  = 10 * time.Second
+	releaseEvery  = 3 * time.Second
 )
 
 // releaser returns free memory to the system after large responses.
