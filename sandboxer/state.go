@@ -271,7 +271,10 @@ func encodeState(s *State) ([]byte, error) {
 	if e := sharedSpec(s.Spec); e != nil {
 		spec = e.encoded
 	}
-	if out, ok := appendPodState(make([]byte, 0, 256+len(s.Config)+len(spec)), s, spec); ok {
+	// The fixed members (names, times, ledger) take some 450 bytes: a
+	// buffer that holds the record whole is allocated once.
+	size := 512 + 2*len(s.ID) + len(s.NetNSPath) + len(s.Config) + len(spec)
+	if out, ok := appendPodState(make([]byte, 0, size), s, spec); ok {
 		return out, nil
 	}
 	return encodeStateJSON(s, spec)
