@@ -55,11 +55,12 @@ func (w *Writer) Write(p []byte) (int, error) {
 	} else {
 		w.buf = append(w.buf, p...)
 	}
-	w.mu.Unlock()
+	// Under mu: Close closes wake after setting closed under it.
 	select {
 	case w.wake <- struct{}{}:
 	default:
 	}
+	w.mu.Unlock()
 	return len(p), nil
 }
 

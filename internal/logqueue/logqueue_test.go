@@ -3,7 +3,10 @@ package logqueue
 import (
 	"io"
 	"os"
+	"runtime"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -68,4 +71,34 @@ func TestStalledOutputDropsAndCounts(t *testing.T) {
 	assert.GreaterOrEqual(t, strings.Count(s, string(line)), 4096/len(line), "what fit in the queue was kept")
 	assert.Regexp(t, `level=warning msg="\d+ log lines dropped`, s)
 	assert.Contains(t, s, "after\n")
+}
+
+// Writes racing Close neither panic (a wake sent on the closed channel)
+// nor lose a line: those accepted before Close are written out by it,
+// the later ones directly.
+func TestWritesRacingClose(t *testing.T) {
+	for range 300 {
+		var out testenv.LogBuffer
+		w := New(&out, 0)
+		var wrote atomic.Int64
+		var stop atomic.Bool
+		var wg sync.WaitGroup
+		for range 4 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for !stop.Load() {
+					w.Write([]byte("x\n"))
+					wrote.Add(1)
+				}
+			}()
+		}
+		for range 20 {
+			runtime.Gosched()
+		}
+		w.Close()
+		stop.Store(true)
+		wg.Wait()
+		assert.Equal(t, int(wrote.Load()), strings.Count(out.String(), "x\n"))
+	}
 }
