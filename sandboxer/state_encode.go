@@ -11,12 +11,11 @@ import (
 // whose spec is shared or absent, the records of a pod's cycle, written
 // without reflection: encoding/json and stripNulls cost 8% of a direct
 // pod cycle's CPU. ok is false when the state is not of that kind, or
-// holds a value this encoder leaves to encoding/json (a time outside
-// years 0-9999, a float that is not finite); the caller then encodes it
-// the general way. TestAppendPodStateIsEncodeState holds it to
-// encoding/json's bytes.
+// holds a value this encoder leaves to encoding/json (plainPodState); the
+// caller then encodes it the general way. TestAppendPodStateIsEncodeState
+// holds it to encoding/json's bytes.
 func appendPodState(b []byte, s *State, spec []byte) (_ []byte, ok bool) {
-	if len(s.Containers) > 0 || (s.Spec != nil && spec == nil) {
+	if !plainPodState(s, spec) {
 		return nil, false
 	}
 	b = append(b, `{"version":`...)
@@ -27,21 +26,12 @@ func appendPodState(b []byte, s *State, spec []byte) (_ []byte, ok bool) {
 	b = appendString(b, s.Mode)
 	b = append(b, `,"phase":`...)
 	b = appendString(b, string(s.Phase))
-	b = append(b, `,"created_at":`...)
-	if b, ok = appendTime(b, s.CreatedAt); !ok {
-		return nil, false
-	}
+	b = appendTime(append(b, `,"created_at":`...), s.CreatedAt)
 	if s.StartedAt != nil {
-		b = append(b, `,"started_at":`...)
-		if b, ok = appendTime(b, *s.StartedAt); !ok {
-			return nil, false
-		}
+		b = appendTime(append(b, `,"started_at":`...), *s.StartedAt)
 	}
 	if s.ExitedAt != nil {
-		b = append(b, `,"exited_at":`...)
-		if b, ok = appendTime(b, *s.ExitedAt); !ok {
-			return nil, false
-		}
+		b = appendTime(append(b, `,"exited_at":`...), *s.ExitedAt)
 	}
 	b = append(b, `,"exit_status":`...)
 	b = strconv.AppendUint(b, uint64(s.ExitStatus), 10)
@@ -52,45 +42,25 @@ func appendPodState(b []byte, s *State, spec []byte) (_ []byte, ok bool) {
 		b = appendString(b, s.NetNSPath)
 	}
 	if len(s.Annotations) > 0 {
-		// Only callers other than the CRI have them: rare.
-		ann, err := json.Marshal(s.Annotations)
-		if err != nil {
-			return nil, false
-		}
+		// Only callers other than the CRI have them: rare. A map of
+		// strings always encodes.
+		ann, _ := json.Marshal(s.Annotations)
 		b = append(append(b, `,"annotations":`...), ann...)
 	}
 	if s.Containers != nil {
 		b = append(b, `,"containers":{}`...)
 	}
 	l := &s.Ledger
-	b = append(b, `,"ledger":{"cpu_core_seconds":`...)
-	if b, ok = appendFloat(b, l.CPUCoreSeconds); !ok {
-		return nil, false
-	}
-	b = append(b, `,"memory_byte_seconds":`...)
-	if b, ok = appendFloat(b, l.MemoryByteSeconds); !ok {
-		return nil, false
-	}
-	b = append(b, `,"pid_seconds":`...)
-	if b, ok = appendFloat(b, l.PidSeconds); !ok {
-		return nil, false
-	}
-	b = append(b, `,"storage_byte_seconds":`...)
-	if b, ok = appendFloat(b, l.StorageByteSecs); !ok {
-		return nil, false
-	}
+	b = appendFloat(append(b, `,"ledger":{"cpu_core_seconds":`...), l.CPUCoreSeconds)
+	b = appendFloat(append(b, `,"memory_byte_seconds":`...), l.MemoryByteSeconds)
+	b = appendFloat(append(b, `,"pid_seconds":`...), l.PidSeconds)
+	b = appendFloat(append(b, `,"storage_byte_seconds":`...), l.StorageByteSecs)
 	if l.Since != nil {
-		b = append(b, `,"since":`...)
-		if b, ok = appendTime(b, *l.Since); !ok {
-			return nil, false
-		}
+		b = appendTime(append(b, `,"since":`...), *l.Since)
 	}
 	b = append(b, '}')
 	if !s.ResourcesUpdatedAt.IsZero() {
-		b = append(b, `,"resources_updated_at":`...)
-		if b, ok = appendTime(b, s.ResourcesUpdatedAt); !ok {
-			return nil, false
-		}
+		b = appendTime(append(b, `,"resources_updated_at":`...), s.ResourcesUpdatedAt)
 	}
 	if len(s.Config) > 0 {
 		b = append(append(b, `,"config":`...), s.Config...)
@@ -101,24 +71,44 @@ func appendPodState(b []byte, s *State, spec []byte) (_ []byte, ok bool) {
 	return append(b, '}'), true
 }
 
-// appendTime is time.Time's MarshalJSON for the years it accepts.
-func appendTime(b []byte, t time.Time) ([]byte, bool) {
-	if y := t.Year(); y < 0 || y > 9999 {
-		return nil, false
+// plainPodState reports whether appendPodState encodes s: no containers,
+// a shared spec (encoded as spec) or none, times that time.Time's
+// MarshalJSON accepts (years 0-9999, an offset of whole minutes under a
+// day) and finite ledger floats.
+func plainPodState(s *State, spec []byte) bool {
+	if len(s.Containers) > 0 || (s.Spec != nil && spec == nil) {
+		return false
 	}
-	if _, off := t.Zone(); off%60 != 0 || off <= -24*3600 || off >= 24*3600 {
-		return nil, false
+	for _, t := range [...]*time.Time{&s.CreatedAt, s.StartedAt, s.ExitedAt, s.Ledger.Since, &s.ResourcesUpdatedAt} {
+		if t == nil {
+			continue
+		}
+		if y := t.Year(); y < 0 || y > 9999 {
+			return false
+		}
+		if _, off := t.Zone(); off%60 != 0 || off <= -24*3600 || off >= 24*3600 {
+			return false
+		}
 	}
-	b = append(b, '"')
-	b = t.AppendFormat(b, time.RFC3339Nano)
-	return append(b, '"'), true
+	l := &s.Ledger
+	for _, f := range [...]float64{l.CPUCoreSeconds, l.MemoryByteSeconds, l.PidSeconds, l.StorageByteSecs} {
+		if math.IsInf(f, 0) || math.IsNaN(f) {
+			return false
+		}
+	}
+	return true
 }
 
-// appendFloat is encoding/json's float64.
-func appendFloat(b []byte, f float64) ([]byte, bool) {
-	if math.IsInf(f, 0) || math.IsNaN(f) {
-		return nil, false
-	}
+// appendTime is time.Time's MarshalJSON, for a time plainPodState let
+// through.
+func appendTime(b []byte, t time.Time) []byte {
+	b = append(b, '"')
+	b = t.AppendFormat(b, time.RFC3339Nano)
+	return append(b, '"')
+}
+
+// appendFloat is encoding/json's float64, for a finite one.
+func appendFloat(b []byte, f float64) []byte {
 	format := byte('f')
 	if abs := math.Abs(f); abs != 0 && (abs < 1e-6 || abs >= 1e21) {
 		format = 'e'
@@ -131,7 +121,7 @@ func appendFloat(b []byte, f float64) ([]byte, bool) {
 			b = b[:n-1]
 		}
 	}
-	return b, true
+	return b
 }
 
 // appendString is encoding/json's string: IDs, modes and phases are plain
