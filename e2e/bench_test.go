@@ -199,10 +199,12 @@ func containerCycles(b *testing.B, newNames bool) {
 		name := uniq("c")
 		attempt := map[string]uint32{}
 		compare(b, n, func(handler string) error {
-			cfg := containerConfig(name, nil, res)
+			ctrName := name
 			if newNames {
-				cfg = containerConfig(uniq("c"), nil, res)
-			} else {
+				ctrName = uniq("c")
+			}
+			cfg := containerConfig(ctrName, nil, res)
+			if !newNames {
 				cfg.Metadata.Attempt = attempt[handler]
 				attempt[handler]++
 			}
