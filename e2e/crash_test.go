@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -49,7 +50,8 @@ func init() {
 // while sandboxes are created, started, resized and removed through its
 // own API and through containerd, restarts it, and checks that every
 // sandbox is as the clients were last told (or as the call cut short would
-// have left it), that no temp file remains and that containerd agrees.
+// have left it), that a torn spare is never read and that containerd
+// agrees.
 func TestCrashConsistency(t *testing.T) {
 	rounds, perRound := 20, 10
 	if n, err := strconv.Atoi(os.Getenv("RSS_CRASH_ROUNDS")); err == nil && n > 0 {
@@ -62,7 +64,7 @@ func TestCrashConsistency(t *testing.T) {
 
 	direct := map[string]*crashModel{}
 	viaCRI := map[string]*crashModel{} // by pod ID; only acknowledged ones
-	total := 0
+	total, torn := 0, 0
 	for round := range rounds {
 		var wg sync.WaitGroup
 		var mu sync.Mutex
@@ -129,14 +131,13 @@ func TestCrashConsistency(t *testing.T) {
 		require.NoError(t, h.stopSandboxer(syscall.SIGKILL))
 		close(stop)
 		wg.Wait()
-		// Temp files of writes the kill interrupted: recovery must remove
-		// them (new ones may appear as containerd calls the new daemon).
-		interrupted := tempFiles()
+		// A write the kill interrupted leaves a torn spare (the file the
+		// next content of resource_info.json or state.json is written to
+		// before it is exchanged with it). Tear every spare: recovery must
+		// never read one, and the next write through one must leave a
+		// whole file (checked by this round's and the next rounds' reads).
+		torn += tearSpares(t)
 		require.NoError(t, h.startSandboxer())
-		for _, p := range interrupted {
-			_, err := os.Stat(p)
-			assert.True(t, os.IsNotExist(err), "round %d: temp file left by the crash survived recovery: %s", round, p)
-		}
 		total += 4 * perRound
 
 		mu.Lock()
@@ -146,7 +147,8 @@ func TestCrashConsistency(t *testing.T) {
 			return
 		}
 	}
-	t.Logf("%d rounds, %d sandboxes through the sandbox API and %d through containerd, all as acknowledged", rounds, len(direct), len(viaCRI))
+	t.Logf("%d rounds, %d sandboxes through the sandbox API and %d through containerd, all as acknowledged; %d spares torn", rounds, len(direct), len(viaCRI), torn)
+	assert.Positive(t, torn, "no spare was there to tear: the check of torn spares checked nothing")
 
 	// Clean up everything, including what no client was told about (a
 	// runp cut short), so later tests start from an empty node.
@@ -301,13 +303,19 @@ func checkCrashState(t *testing.T, round int, direct, viaCRI map[string]*crashMo
 	assert.Empty(t, disagree, "round %d: containerd lists these ready, the sandboxer does not", round)
 }
 
-func tempFiles() []string {
-	var found []string
-	filepath.Walk(h.StateDir(), func(p string, fi os.FileInfo, err error) error {
-		if err == nil && strings.HasPrefix(fi.Name(), ".tmp-") {
-			found = append(found, p)
-		}
-		return nil
-	})
-	return found
+// tearSpares overwrites every spare in the state directory (sandbox
+// directories and pooled ones) with the start of a JSON document that
+// would pass for a resource_info.json, cut short, then garbage, longer
+// than any real content; it returns how many it tore.
+func tearSpares(t *testing.T) int {
+	t.Helper()
+	torn := append([]byte(`{"cpu_limit": 99, "memory_limit": `), bytes.Repeat([]byte{0xff}, 16<<10)...)
+	n := 0
+	paths, err := filepath.Glob(filepath.Join(h.StateDir(), "*", ".spare-*"))
+	require.NoError(t, err)
+	for _, p := range paths {
+		require.NoError(t, os.WriteFile(p, torn, 0o600))
+		n++
+	}
+	return n
 }
