@@ -95,6 +95,7 @@ func variants(b *testing.B, fn func(b *testing.B)) {
 func podCycles(b *testing.B) {
 	ctx := context.Background()
 	for range b.N {
+		waitProfile := profileDaemon(b, 10*time.Second)
 		compare(b, cycles(1000), func(handler string) error {
 			name := uniq("cycle")
 			cfg := podConfig(name, demoAnnotations, nil)
@@ -108,6 +109,7 @@ func podCycles(b *testing.B) {
 			_, err = h.cri.RemovePodSandbox(ctx, &runtime.RemovePodSandboxRequest{PodSandboxId: resp.PodSandboxId})
 			return err
 		})
+		waitProfile()
 	}
 }
 

@@ -196,6 +196,9 @@ func (x *harness) stopSandboxer(sig syscall.Signal) error {
 // it serves on sock and its task shim on taskSock.
 func startDaemon(bin, config, logPath, sock, taskSock string) (*exec.Cmd, error) {
 	cmd := exec.Command(filepath.Join(bin, "resource-slot-sandboxer"), "--config", config)
+	if e := os.Getenv("RSS_DAEMON_ENV"); e != "" {
+		cmd.Env = append(os.Environ(), strings.Fields(e)...)
+	}
 	return startProcess(cmd, logPath, sock, taskSock)
 }
 
