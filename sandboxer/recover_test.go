@@ -17,6 +17,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/kuasar-io/resource-slot-sandboxer/internal/statefile"
 	"github.com/kuasar-io/resource-slot-sandboxer/resourceinfo"
 	"github.com/kuasar-io/resource-slot-sandboxer/slot"
 )
@@ -124,8 +125,11 @@ func TestRecoverRepairs(t *testing.T) {
 	// item 10: it deleted ready pods).
 	write(filepath.Join(root, "empty", StateFile), "")
 	write(filepath.Join(root, "emptycreated", StateFile), "")
-	// What a crash leaves: temp files, a half-removed sandbox of an older
-	// version, a sandbox whose Create never reached its commit point.
+	// What a crash leaves: torn spares, the temp files of an older
+	// version, a half-removed sandbox of an older version, a sandbox
+	// whose Create never reached its commit point.
+	write(filepath.Join(root, "good", statefile.SpareName(StateFile)), `{"version": 1, "id": "good", "phase": "st`)
+	write(filepath.Join(root, "good", statefile.SpareName(ResourceInfoFile)), `{"pid_limit": 7`)
 	write(filepath.Join(root, "good", ".tmp-state.json"), "partial")
 	require.NoError(t, os.MkdirAll(filepath.Join(root, trashPrefix+"42", "sandbox"), 0o700))
 	require.NoError(t, os.Mkdir(filepath.Join(root, "uncommitted"), 0o700))
@@ -150,8 +154,11 @@ func TestRecoverRepairs(t *testing.T) {
 	q, err := os.ReadDir(filepath.Join(root, QuarantineDir))
 	require.NoError(t, err)
 	assert.Len(t, q, 4, "damaged sandboxes are kept for inspection")
-	_, err = os.Stat(filepath.Join(root, "good", ".tmp-state.json"))
-	assert.True(t, os.IsNotExist(err), "temp files are removed")
+	// Neither spares nor old temp files are read ("good" loaded, and its
+	// resource_info.json is whole, above).
+	st, err := c2.Status(ctx, "good", false)
+	require.NoError(t, err)
+	assert.Equal(t, "SANDBOX_READY", st.State)
 	for _, name := range sandboxDirs(t, root) {
 		assert.False(t, strings.HasPrefix(name, trashPrefix), "half-removed sandboxes are removed")
 	}

@@ -89,10 +89,6 @@ func WriteFiles(dir string, durable bool, files ...File) (retErr error) {
 	return SyncDir(dir)
 }
 
-// TempName is the temp file of name that earlier versions' WriteTemp
-// used; recovery removes what a crash left of them (RemoveTempOf).
-func TempName(name string) string { return TempPrefix + name }
-
 // SparePrefix starts the name of the spare beside a file that WriteTemp
 // writes and Swap exchanges with it (SpareName).
 const SparePrefix = ".spare-"
@@ -205,19 +201,6 @@ func Rename(from, to string) error {
 // OverwriteFile writes data over what the existing file path holds, in
 // place (its blocks reused), and cuts it to data's length.
 func OverwriteFile(path string, data []byte) error { return overwrite(path, data, 0) }
-
-// RemoveTempOf removes the temp files a crash may have left of names in
-// dir (WriteTemp), without listing dir.
-func RemoveTempOf(dir string, names ...string) error {
-	for _, name := range names {
-		// unlink(2) alone: os.Remove tries rmdir(2) too when it fails.
-		path := filepath.Join(dir, TempName(name))
-		if err := unix.Unlink(path); err != nil && err != unix.ENOENT {
-			return &fs.PathError{Op: "unlink", Path: path, Err: err}
-		}
-	}
-	return nil
-}
 
 // ReadSmall reads a small file with open, read and close only (os.ReadFile
 // also stats it, reads again for EOF and registers it with the poller);
