@@ -45,6 +45,8 @@ func TestDirPool(t *testing.T) {
 	stateIno := inode(t, filepath.Join(a, StateFile))
 	require.NoError(t, os.WriteFile(filepath.Join(a, UsageFile), []byte("{}"), 0o600))
 	require.NoError(t, os.MkdirAll(filepath.Join(a, "disk", "x"), 0o700))
+	// An earlier version's temp file, which recovery leaves.
+	require.NoError(t, os.WriteFile(filepath.Join(a, statefile.TempPrefix+StateFile), []byte("{"), 0o600))
 	// A resource change leaves the previous resource_info.json as the spare.
 	require.NoError(t, statefile.Replace(a, ResourceInfoFile, []byte(`{"second":true}`)))
 	spareIno := inode(t, filepath.Join(a, statefile.SpareName(ResourceInfoFile)))

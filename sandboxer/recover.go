@@ -228,7 +228,7 @@ func (c *Controller) recoverOne(ctx context.Context, it recoverItem) (recoverRes
 	// never read and written over by the next write: nothing to clean.
 	// The temp files of earlier versions (".tmp-" names) are not read
 	// either, and go with the sandbox's directory; removing them cost
-	// three unlinks a sandbox, a fifth of a start's work.
+	// three unlinks a sandbox, a fifth of its recovery's CPU.
 	var st *State
 	var err error
 	switch {

@@ -97,7 +97,8 @@ func TestRecoverKeepsState(t *testing.T) {
 
 // TestRecoverRepairs: state.json (written by compaction) that no longer
 // reads back is quarantined, a damaged or missing resource_info.json is
-// rewritten, and what a crash leaves is cleaned up.
+// rewritten, what a crash leaves is finished or removed, and torn spares
+// are not read.
 func TestRecoverRepairs(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
