@@ -39,8 +39,9 @@ const maxPooled = 256
 // removed sandbox's directory is renamed into the pool (it is gone at
 // once) and emptied in the background but for its resource_info.json,
 // which the next sandbox's overwrites before its directory is renamed
-// into place, and the spares its next writes go to. Only a reader still holding the removed sandbox's file open
-// can tell: it sees it rewritten.
+// into place, and the spares its next writes go to. Only a reader still
+// holding the removed sandbox's file open can tell: it sees it
+// rewritten.
 type dirPool struct {
 	root string
 	seq  atomic.Uint64
