@@ -105,6 +105,15 @@ func (e *specEntry) info(at time.Time) ([]byte, error) {
 	return append(append(append(out, e.infoHead...), ts...), "\n}\n"...), nil
 }
 
+// sharedEncoding is a shared spec's kept encoding; nil for a spec that is
+// not shared.
+func sharedEncoding(sp *resourceinfo.Spec) []byte {
+	if e := sharedSpec(sp); e != nil {
+		return e.encoded
+	}
+	return nil
+}
+
 // sharedSpec is what is derived from a shared spec; nil for one that is
 // not shared.
 func sharedSpec(sp *resourceinfo.Spec) *specEntry {

@@ -267,10 +267,7 @@ func isIdentifier(s string) bool {
 // encoding is kept) are put in after the rest, as they are: encoding/json
 // would scan the one and reflect over the 66 fields of the other again.
 func encodeState(s *State) ([]byte, error) {
-	var spec []byte
-	if e := sharedSpec(s.Spec); e != nil {
-		spec = e.encoded
-	}
+	spec := sharedEncoding(s.Spec)
 	// The fixed members (names, times, ledger) take some 450 bytes: a
 	// buffer that holds the record whole is allocated once.
 	size := 512 + 2*len(s.ID) + len(s.NetNSPath) + len(s.Config) + len(spec)

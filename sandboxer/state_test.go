@@ -345,10 +345,7 @@ func TestAppendPodStateIsEncodeState(t *testing.T) {
 	for desc, change := range cases {
 		st := base()
 		change(st)
-		var enc []byte
-		if e := sharedSpec(st.Spec); e != nil {
-			enc = e.encoded
-		}
+		enc := sharedEncoding(st.Spec)
 		want, err := encodeStateJSON(st, enc)
 		require.NoError(t, err, desc)
 		got, ok := appendPodState(nil, st, enc)
@@ -369,7 +366,10 @@ func TestAppendPodStateIsEncodeState(t *testing.T) {
 	} {
 		st := base()
 		change(st)
-		_, ok := appendPodState(nil, st, nil)
+		// With the spec's encoding when it is shared, as encodeState
+		// passes it: each is refused for its own value, not for a
+		// missing encoding.
+		_, ok := appendPodState(nil, st, sharedEncoding(st.Spec))
 		assert.False(t, ok, desc)
 	}
 }
